@@ -1,0 +1,179 @@
+"""INI configuration, compatible with the original NextFace ``optimConfig.ini``.
+
+A config file is a flat list of ``key = value`` lines with ``#`` comments (also inline).
+Values are Python-like literals: ``'cuda'``, ``True``, ``512``, ``0.001``. Every key of the
+NextFace file is accepted with its meaning; a few keys of our own are added (``model``,
+``landmarksAssociation``, ``integrator``, ``seed``, ...). Unknown keys and bad values raise
+``ConfigError`` naming the key and what is accepted.
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says how to fix it."""
+
+
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _non_negative(value) -> bool:
+    return value >= 0
+
+
+@dataclass
+class Config:
+    # compute device: 'cpu' (Mitsuba llvm_ad_rgb) or 'cuda' (Mitsuba cuda_ad_rgb)
+    device: str = field(default='cpu', metadata=dict(choices=('cpu', 'cuda')))
+    # 2D landmark detector
+    lamdmarksDetectorType: str = field(default='mediapipe', metadata=dict(choices=('mediapipe', 'fan')))
+    # morphable model: 'bfm2017' (Basel 2017 + AlbedoMM) or 'ict' (ICT-FaceKit)
+    model: str = field(default='bfm2017', metadata=dict(choices=('bfm2017', 'ict')))
+    path: str = './baselMorphableModel'
+    # optional NextFace-format landmark association file (iBUG index, vertex index per line)
+    landmarksAssociation: str = ''
+    textureResolution: int = field(default=512, metadata=dict(choices=(256, 512, 1024, 2048)))
+    trimPca: bool = False
+    # spherical harmonics
+    bands: int = field(default=9, metadata=dict(check=_positive, accepts='an integer >= 1'))
+    envMapRes: int = field(default=64, metadata=dict(check=lambda v: v >= 8, accepts='an integer >= 8'))
+    smoothSh: bool = False
+    saveExr: bool = False
+    # image
+    maxResolution: int = field(default=256, metadata=dict(check=lambda v: v >= 64, accepts='an integer >= 64'))
+    # camera: focal length in pixels of the fitted image
+    camFocalLength: float = field(default=3000.0, metadata=dict(check=_positive, accepts='a number > 0'))
+    optimizeFocalLength: bool = True
+    # optimization
+    iterStep1: int = field(default=2000, metadata=dict(check=_non_negative, accepts='an integer >= 0'))
+    iterStep2: int = field(default=400, metadata=dict(check=_non_negative, accepts='an integer >= 0'))
+    iterStep3: int = field(default=100, metadata=dict(check=_non_negative, accepts='an integer >= 0'))
+    weightLandmarksLossStep2: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightLandmarksLossStep3: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightShapeReg: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightExpressionReg: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightAlbedoReg: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightDiffuseSymmetryReg: float = field(default=300.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightDiffuseConsistencyReg: float = field(default=100.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightDiffuseSmoothnessReg: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightSpecularSymmetryReg: float = field(default=200.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightSpecularConsistencyReg: float = field(default=2.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightSpecularSmoothnessReg: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightRoughnessSymmetryReg: float = field(default=200.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightRoughnessConsistencyReg: float = field(default=0.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    weightRoughnessSmoothnessReg: float = field(default=0.002, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    # debug
+    debugFrequency: int = field(default=0, metadata=dict(check=_non_negative, accepts='an integer >= 0'))
+    saveIntermediateStage: bool = False
+    verbose: bool = False
+    # ray tracing
+    rtSamples: int = field(default=500, metadata=dict(check=_positive, accepts='an integer >= 1'))
+    rtTrainingSamples: int = field(default=8, metadata=dict(check=_positive, accepts='an integer >= 1'))
+    # 'prb' (fast, no silhouette gradients) or 'direct_projective' (silhouette gradients, slower)
+    integrator: str = field(default='prb', metadata=dict(choices=('prb', 'direct_projective')))
+    seed: int = field(default=0, metadata=dict(check=_non_negative, accepts='an integer >= 0'))
+
+    def replace(self, **overrides) -> 'Config':
+        """A copy with ``overrides`` applied and validated."""
+        config = dataclasses.replace(self)
+        for key, value in overrides.items():
+            setattr(config, key, _validated(key, value))
+        return config
+
+
+# NextFace config files use these names for the same keys.
+ALIASES = {'tracker': 'lamdmarksDetectorType'}
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _strip_comment(line: str) -> str:
+    """Drop a ``#`` comment that is not inside quotes."""
+    quote = None
+    for i, char in enumerate(line):
+        if char in '\'"':
+            quote = None if quote == char else (quote or char)
+        elif char == '#' and quote is None:
+            return line[:i]
+    return line
+
+
+def _parse_literal(text: str):
+    """``'cuda'`` -> str, ``True`` -> bool, ``3`` -> int, ``0.5`` -> float, bare words -> str."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in '\'"':
+        return text[1:-1]
+    if text in ('True', 'true'):
+        return True
+    if text in ('False', 'false'):
+        return False
+    for number_type in (int, float):
+        try:
+            return number_type(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _validated(key: str, value):
+    """Coerce ``value`` to the type of ``key`` and check its range; raise ``ConfigError`` if bad."""
+    key = ALIASES.get(key, key)
+    if key not in _FIELDS:
+        raise ConfigError(f"unknown config key '{key}'; known keys: {', '.join(sorted(_FIELDS))}")
+    spec = _FIELDS[key]
+    expected = spec.type
+    meta = spec.metadata
+    if isinstance(value, str):
+        value = _parse_literal(value)
+    accepts = meta.get('accepts') or (f"one of {', '.join(repr(c) for c in meta['choices'])}"
+                                       if 'choices' in meta else f'a {expected.__name__}')
+    try:
+        if expected is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+        elif expected is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            value = int(value)
+        elif expected is float:
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)
+        elif expected is str:
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' = {value!r} is not valid: expected {accepts}") from None
+    if 'choices' in meta and value not in meta['choices']:
+        raise ConfigError(f"config key '{key}' = {value!r} is not valid: expected {accepts}")
+    if 'check' in meta and not meta['check'](value):
+        raise ConfigError(f"config key '{key}' = {value!r} is not valid: expected {accepts}")
+    return value
+
+
+def parse_config_text(text: str, source: str = '<config>') -> Config:
+    """Parse the text of an INI config into a ``Config``; keys left out keep their defaults."""
+    values = {}
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        line = _strip_comment(raw_line).strip()
+        if not line or line.startswith('['):  # allow an optional [section] header
+            continue
+        if '=' not in line:
+            raise ConfigError(f"{source}:{number}: expected 'key = value', got {raw_line.strip()!r}")
+        key, value = (part.strip() for part in line.split('=', 1))
+        try:
+            values[ALIASES.get(key, key)] = _validated(key, value)
+        except ConfigError as error:
+            raise ConfigError(f'{source}:{number}: {error}') from None
+    return Config(**values)
+
+
+def load_config(path: str | None = None) -> Config:
+    """Read the config file at ``path`` (``None``: the built-in defaults)."""
+    if path is None:
+        return Config()
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found; pass an existing file to --config")
+    with open(path, encoding='utf-8') as file:
+        return parse_config_text(file.read(), source=path)

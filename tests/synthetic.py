@@ -1,0 +1,142 @@
+"""Small face models in the exact Basel 2017 / AlbedoMM HDF5 schemas, made from scratch.
+
+The mean shape is a face-like height field on a disk (an ellipsoidal cap with a nose, brows and
+eye sockets), in the BFM frame (mm, y up, face toward +z). Bases are smooth random fields,
+orthonormalised, so the files have the real schema: ``model/mean`` [3N] interleaved xyz,
+``model/pcaBasis`` [3N, K] with orthonormal columns, ``model/pcaVariance`` [K],
+``representer/cells`` [3, T], ``metadata/landmarks/json``. Used by the tests and ``benchmark.py``.
+"""
+import json
+import os
+
+import h5py
+import numpy as np
+
+import morphableModel
+
+FACE_HALF_WIDTH, FACE_HALF_HEIGHT, FACE_DEPTH = 75.0, 100.0, 60.0
+
+
+def face_height(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Depth (toward the viewer, mm) of the synthetic face at (x, y)."""
+    rho2 = np.clip((x / FACE_HALF_WIDTH) ** 2 + (y / FACE_HALF_HEIGHT) ** 2, 0, 1)
+    cap = FACE_DEPTH * np.sqrt(1 - 0.9 * rho2)
+    nose = 22 * np.exp(-((x / 9) ** 2 + ((y + 5) / 22) ** 2)) * (y < 25) + 8 * np.exp(-((x / 7) ** 2 + ((y - 25) / 14) ** 2))
+    sockets = -8 * (np.exp(-(((x - 33) / 14) ** 2 + ((y - 28) / 9) ** 2)) + np.exp(-(((x + 33) / 14) ** 2 + ((y - 28) / 9) ** 2)))
+    brows = 4 * np.exp(-(((np.abs(x) - 30) / 20) ** 2 + ((y - 42) / 5) ** 2))
+    lips = 5 * np.exp(-((x / 25) ** 2 + ((y + 42) / 8) ** 2))
+    return cap + nose + sockets + brows + lips
+
+
+def face_mesh(rings: int, segments: int):
+    """A disk mesh: one centre vertex and ``rings`` rings of ``segments`` vertices.
+    -> vertices [1 + rings·segments, 3], triangles [segments·(2·rings - 1), 3] (counter-clockwise)."""
+    radius = np.repeat(np.arange(1, rings + 1) / rings, segments)
+    angle = np.tile(np.arange(segments) * 2 * np.pi / segments, rings)
+    x = np.concatenate([[0.0], FACE_HALF_WIDTH * radius * np.cos(angle)])
+    y = np.concatenate([[0.0], FACE_HALF_HEIGHT * radius * np.sin(angle)])
+    vertices = np.stack([x, y, face_height(x, y)], axis=1).astype(np.float32)
+    index = lambda ring, seg: 1 + ring * segments + seg % segments
+    seg = np.arange(segments)
+    triangles = [np.stack([np.zeros(segments, int), index(0, seg), index(0, seg + 1)], axis=1)]
+    for ring in range(rings - 1):
+        a, b = index(ring, seg), index(ring, seg + 1)
+        c, d = index(ring + 1, seg), index(ring + 1, seg + 1)
+        triangles += [np.stack([a, c, d], axis=1), np.stack([a, d, b], axis=1)]
+    return vertices, np.concatenate(triangles).astype(np.int64)
+
+
+def ibug_layout() -> np.ndarray:
+    """A rough iBUG-68 layout on the synthetic face, (x, y) in mm, BFM frame [68, 2].
+    Subject's right (iBUG 0, 36, 48) is at negative x."""
+    t = np.linspace(-np.pi * 0.95, -np.pi * 0.05, 17)
+    jaw = np.stack([62 * np.cos(t), -12 + 78 * np.sin(t) * 0.85], axis=1)
+    brow_r = np.stack([np.linspace(-52, -14, 5), [38, 44, 46, 45, 42]], axis=1)
+    brow_l = brow_r[::-1] * [-1, 1]
+    bridge = np.stack([np.zeros(4), np.linspace(30, 2, 4)], axis=1)
+    nostrils = np.stack([np.linspace(-12, 12, 5), [-8, -10, -11, -10, -8]], axis=1)
+
+    def eye(cx):
+        a = np.array([np.pi, 2 * np.pi / 3, np.pi / 3, 0, -np.pi / 3, -2 * np.pi / 3])
+        return np.stack([cx + 14 * np.cos(a), 28 + 5 * np.sin(a)], axis=1)
+    eye_r, eye_l = eye(-33), eye(33)  # both start at the corner of smaller x, then go over the top
+    outer = np.linspace(np.pi, -np.pi, 13)[:-1]
+    mouth_outer = np.stack([25 * np.cos(outer), -42 + 9 * np.sin(outer)], axis=1)
+    inner = np.linspace(np.pi, -np.pi, 9)[:-1]
+    mouth_inner = np.stack([18 * np.cos(inner), -42 + 3 * np.sin(inner)], axis=1)
+    return np.concatenate([jaw, brow_r, brow_l, bridge, nostrils, eye_r, eye_l, mouth_outer, mouth_inner])
+
+
+def nearest_vertices(vertices: np.ndarray, points_xy: np.ndarray) -> np.ndarray:
+    """Index of the vertex nearest to each (x, y) [k] -> [k]."""
+    d = ((vertices[None, :, :2] - points_xy[:, None, :]) ** 2).sum(-1)
+    return d.argmin(axis=1)
+
+
+def _smooth_basis(vertices: np.ndarray, count: int, channels: int, rng) -> np.ndarray:
+    """Orthonormal columns [3N, count] made of smooth random fields over the face."""
+    x = vertices[:, 0] / FACE_HALF_WIDTH
+    y = vertices[:, 1] / FACE_HALF_HEIGHT
+    fields = []
+    for _ in range(count):
+        field = np.zeros((len(vertices), 3))
+        for _ in range(4):
+            fx, fy, phase = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi, 3)
+            amplitude = rng.normal(size=3) if channels == 3 else np.repeat(rng.normal(), 3)
+            field += amplitude * np.cos(np.pi * (fx * x + fy * y)[:, None] + phase)
+        field += 0.05 * rng.normal(size=field.shape)  # keep the columns independent
+        fields.append(field.reshape(-1))
+    q, _ = np.linalg.qr(np.stack(fields, axis=1))
+    return q.astype(np.float32)
+
+
+def _write_pca(group, mean: np.ndarray, basis: np.ndarray, variance: np.ndarray, cells=None) -> None:
+    model = group.create_group('model')
+    model['mean'] = mean.reshape(-1).astype(np.float32)
+    model['pcaBasis'] = basis.astype(np.float32)
+    model['pcaVariance'] = variance.astype(np.float32)
+    model['noiseVariance'] = np.float32(0.0)
+    if cells is not None:
+        representer = group.create_group('representer')
+        representer['cells'] = cells.T.astype(np.int32)
+
+
+def write_bfm(folder: str, rings: int = 20, segments: int = 40, n_shape: int = 199,
+              n_expression: int = 100, n_albedo: int = 145, seed: int = 0,
+              per_vertex_shape_mm: float = 4.0) -> dict:
+    """Write ``model2017-1_face12_nomouth.h5`` and ``albedoModel2020_face12_albedoPart.h5`` into
+    ``folder`` and a NextFace-format landmark association file; -> a dict of what was written."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    vertices, triangles = face_mesh(rings, segments)
+    n = len(vertices)
+    decay = lambda k, first: first * 0.97 ** np.arange(k)  # per-vertex rms (mm) -> variance of the vector
+    shape_variance = (decay(n_shape, per_vertex_shape_mm) ** 2) * n
+    expression_variance = (decay(n_expression, per_vertex_shape_mm * 0.6) ** 2) * n
+    albedo_variance = (decay(n_albedo, 0.06) ** 2) * n
+    landmark_vertices = nearest_vertices(vertices, ibug_layout())
+    named = [{'id': name, 'coordinates': vertices[landmark_vertices[ibug]].tolist()}
+             for name, ibug in morphableModel.BFM_NAMED_LANDMARKS.items()]
+
+    skin = np.array([0.55, 0.38, 0.30], np.float32)
+    diffuse_mean = np.tile(skin, (n, 1)) * (1 - 0.15 * np.exp(-((vertices[:, 1] + 42) / 8) ** 2))[:, None]
+    with h5py.File(os.path.join(folder, morphableModel.BFM_FILE), 'w') as h5:
+        shape = h5.create_group('shape')
+        _write_pca(shape, vertices, _smooth_basis(vertices, n_shape, 3, rng), shape_variance, triangles)
+        shape['representer/points'] = vertices.T
+        expression = h5.create_group('expression')
+        _write_pca(expression, np.zeros_like(vertices), _smooth_basis(vertices, n_expression, 3, rng),
+                   expression_variance, triangles)
+        h5.create_group('color')  # the real file has one; the fit uses AlbedoMM instead
+        h5['metadata/landmarks/json'] = json.dumps(named)
+    with h5py.File(os.path.join(folder, morphableModel.ALBEDO_FILE), 'w') as h5:
+        _write_pca(h5.create_group('diffuseAlbedo'), diffuse_mean,
+                   _smooth_basis(vertices, n_albedo, 3, rng), albedo_variance, triangles)
+        _write_pca(h5.create_group('specularAlbedo'), np.full((n, 3), 0.25, np.float32),
+                   _smooth_basis(vertices, n_albedo, 1, rng), albedo_variance * 0.25, triangles)
+        _write_pca(h5.create_group('shape'), vertices, np.zeros((3 * n, 1)), np.ones(1), triangles)  # dummy
+    association = os.path.join(folder, 'landmark_62_association.txt')
+    with open(association, 'w') as file:
+        file.writelines(f'{i}\t\t{v}\n' for i, v in enumerate(landmark_vertices))
+    return dict(folder=folder, vertices=vertices, triangles=triangles, association=association,
+                landmark_vertices=landmark_vertices)
