@@ -1,0 +1,484 @@
+"""Reconstruct 3D faces from photos: the command line and the three stages of the fit.
+
+    python optimizer.py --input IMG_OR_FOLDER --output DIR [--sharedIdentity] [--config F]
+
+Stage 1 fits pose, expression, identity and focal length to 2D landmarks (Levenberg-Marquardt).
+Stage 2 fits identity, expression, statistical albedo, pose and SH light to the photo through the
+ray tracer. Stage 3 refines per-texel diffuse, specular and roughness maps.
+"""
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import config as config_module
+import landmarks as landmarks_module
+import morphableModel
+import pipeline
+import utils
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+class FitError(RuntimeError):
+    """One image could not be fitted; the message names it and says why."""
+
+
+@dataclass
+class FitImage:
+    """An input photo as fitted."""
+    index: int             # i of the output files (position in the sorted input list)
+    path: str
+    pixels: np.ndarray     # [h, w, 3] sRGB in [0, 1], scaled to maxResolution
+    scale: float           # fitted size / input size
+    landmarks: np.ndarray  # [68, 2] pixels of the fitted image
+
+    @property
+    def size(self) -> tuple:
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+    @property
+    def centre(self) -> tuple:
+        return self.pixels.shape[1] / 2, self.pixels.shape[0] / 2
+
+
+# ------------------------------------------------------------------------------------ stage 1
+
+def initial_pose(model_points: np.ndarray, image_points: np.ndarray, focal: float) -> tuple:
+    """A camera estimate from any head pose, by a weak-perspective fit.
+
+    model_points [k, 3] (canonical, centred), image_points [k, 2] (relative to the image centre)
+    -> (axis-angle [3], translation [3]). An affine camera x = A X + b is fitted by least squares;
+    its nearest scaled rotation gives R and the scale s, and the depth follows as f / s."""
+    design = np.concatenate([model_points, np.ones((len(model_points), 1))], axis=1)
+    solution, *_ = np.linalg.lstsq(design, image_points, rcond=None)
+    affine, offset = solution[:3].T, solution[3]  # [2, 3], [2]
+    u, singular, vt = np.linalg.svd(affine, full_matrices=False)
+    rows = u @ vt
+    rotation = np.stack([rows[0], rows[1], np.cross(rows[0], rows[1])])
+    scale = singular.mean()
+    depth = focal / scale
+    translation = np.array([offset[0] / scale, offset[1] / scale, depth])
+    return pipeline.axis_angle_from_matrix(rotation), translation
+
+
+def levenberg_marquardt(residuals, x: torch.Tensor, iterations: int, tolerance: float = 1e-10) -> tuple:
+    """Minimise ||residuals(x)||² from x [p] -> (x, final energy). Marquardt's diagonal scaling
+    makes the step invariant to the parameters' units (radians, millimetres, σ)."""
+    damping = 1e-3
+    r = residuals(x)
+    energy = float(r @ r)
+    for _ in range(iterations):
+        jacobian = torch.func.jacfwd(residuals)(x)
+        gradient = jacobian.T @ r
+        hessian = jacobian.T @ jacobian
+        diagonal = torch.diag(torch.diag(hessian).clamp_min(1e-9))
+        while True:
+            step = torch.linalg.solve(hessian + damping * diagonal, -gradient)
+            candidate = x + step
+            r_candidate = residuals(candidate)
+            candidate_energy = float(r_candidate @ r_candidate)
+            if math.isfinite(candidate_energy) and candidate_energy < energy:
+                damping = max(damping / 3, 1e-9)
+                break
+            damping *= 4
+            if damping > 1e8:
+                return x, energy
+        converged = energy - candidate_energy < tolerance * max(energy, 1e-12)
+        x, r, energy = candidate, r_candidate, candidate_energy
+        if converged:
+            break
+    return x, energy
+
+
+class LandmarkProblem:
+    """Stage 1 as least squares: landmark reprojection in units of σ, plus N(0, 1) priors.
+
+    Residuals: √w_j (p_j − l_j) / σ for every detected landmark j with a model vertex, then
+    √λ_shape · shape and √λ_expr · expression. σ = max(w, h) / 128 px (2 px at 256 px), and
+    λ = weight / 0.001, so NextFace's default weights give the plain Gaussian prior."""
+
+    def __init__(self, model, images: list, shared_identity: bool, config, optimize_focal: bool):
+        lm = model.landmark_vertices
+        self.valid = (lm >= 0)
+        index = lm.clamp_min(0)
+        to64 = lambda t: t.to(torch.float64)
+        self.mean = to64(model.mean_shape[index])  # [68, 3]
+        self.shape_basis = to64(model.shape_basis[:, index])  # [Ks, 68, 3]
+        self.expression_basis = to64(model.expression_basis[:, index])
+        self.targets = torch.tensor(np.stack([im.landmarks for im in images]), dtype=torch.float64)
+        finite = torch.isfinite(self.targets).all(-1)
+        self.targets = torch.nan_to_num(self.targets)
+        sigma = torch.tensor([max(im.size) / 128 for im in images], dtype=torch.float64)
+        weights = torch.tensor(landmarks_module.LANDMARK_WEIGHTS, dtype=torch.float64)
+        self.residual_scale = (weights.sqrt()[None, :] * (self.valid[None, :] & finite)) / sigma[:, None]
+        self.centres = torch.tensor([im.centre for im in images], dtype=torch.float64)
+        self.n, self.n_id = len(images), (1 if shared_identity else len(images))
+        self.shape_weight = math.sqrt(config.weightShapeReg / 0.001)
+        self.expression_weight = math.sqrt(config.weightExpressionReg / 0.001)
+        self.optimize_focal = optimize_focal
+        self.sizes = dict(rotation=(self.n, 3), translation=(self.n, 3),
+                          expression=(self.n, model.n_expression), shape=(self.n_id, model.n_shape),
+                          log_focal=(self.n,) if optimize_focal else (0,))
+
+    def pack(self, **values) -> torch.Tensor:
+        return torch.cat([values[k].reshape(-1) for k in self.sizes])
+
+    def unpack(self, x: torch.Tensor) -> dict:
+        out, start = {}, 0
+        for key, size in self.sizes.items():
+            count = int(np.prod(size))
+            out[key] = x[start:start + count].reshape(size)
+            start += count
+        return out
+
+    def projected(self, p: dict, focal: torch.Tensor) -> torch.Tensor:
+        """Model landmarks in pixels [n, 68, 2]."""
+        shape = p['shape'].expand(self.n, -1) if self.n_id == 1 else p['shape']
+        canonical = (self.mean + torch.einsum('nk,kvc->nvc', shape, self.shape_basis)
+                     + torch.einsum('nk,kvc->nvc', p['expression'], self.expression_basis))
+        camera = pipeline.to_camera(canonical, p['rotation'], p['translation'])
+        return pipeline.project(camera, focal, self.centres)
+
+    def residuals(self, x: torch.Tensor, fixed_focal: torch.Tensor) -> torch.Tensor:
+        p = self.unpack(x)
+        focal = p['log_focal'].exp() if self.optimize_focal else fixed_focal
+        error = (self.projected(p, focal) - self.targets) * self.residual_scale[..., None]
+        return torch.cat([error.reshape(-1), self.shape_weight * p['shape'].reshape(-1),
+                          self.expression_weight * p['expression'].reshape(-1)])
+
+
+def focal_candidates(images: list, config) -> list:
+    """Initial focal lengths [n] to start from: the configured one, and if the focal length is
+    fitted, a range of fields of view (landmarks alone tell focal length only weakly, so the
+    best of several starts is kept)."""
+    configured = [config.camFocalLength] * len(images)
+    if not config.optimizeFocalLength:
+        return [configured]
+    widths = np.array([max(im.size) for im in images], dtype=np.float64)
+    return [configured] + [list(widths * factor) for factor in (1.0, 2.0, 4.0, 8.0)]
+
+
+def fit_landmarks(model, images: list, config, shared_identity: bool, progress=None) -> pipeline.SceneParameters:
+    """Stage 1: pose, expression, identity and focal length from the landmarks of ``images``."""
+    problem = LandmarkProblem(model, images, shared_identity, config, config.optimizeFocalLength)
+    mean_points = model.mean_shape[model.landmark_vertices.clamp_min(0)].numpy()
+    valid = model.landmark_vertices.numpy() >= 0
+    best = None
+    for focals in focal_candidates(images, config):
+        focal = torch.tensor(focals, dtype=torch.float64)
+        poses = [initial_pose(mean_points[valid & np.isfinite(im.landmarks).all(1)],
+                              (im.landmarks - im.centre)[valid & np.isfinite(im.landmarks).all(1)], f)
+                 for im, f in zip(images, focals)]
+        x0 = problem.pack(
+            rotation=torch.tensor(np.stack([p[0] for p in poses])),
+            translation=torch.tensor(np.stack([p[1] for p in poses])),
+            expression=torch.zeros(problem.sizes['expression'], dtype=torch.float64),
+            shape=torch.zeros(problem.sizes['shape'], dtype=torch.float64),
+            log_focal=focal.log() if config.optimizeFocalLength else torch.zeros(0, dtype=torch.float64))
+        x, energy = levenberg_marquardt(lambda v: problem.residuals(v, focal), x0, config.iterStep1)
+        if best is None or energy < best[1]:
+            best = (x, energy, focal)
+        if progress is not None:
+            progress.update(1)
+    x, _, focal = best
+    p = problem.unpack(x)
+    if config.optimizeFocalLength:
+        focal = p['log_focal'].exp()
+    as32 = lambda t: t.detach().to(torch.float32)
+    return pipeline.SceneParameters(
+        shape=as32(p['shape']), expression=as32(p['expression']), rotation=as32(p['rotation']),
+        translation=as32(p['translation']), focal=as32(focal),
+        albedo=torch.zeros(problem.n_id, model.n_albedo),
+        sh=torch.zeros(problem.n, config.bands ** 2, 3), stage=1)
+
+
+def landmark_error(model, params: pipeline.SceneParameters, images: list) -> np.ndarray:
+    """Mean distance (px) between the model's projected landmarks and the targets, per image [n]."""
+    with torch.no_grad():
+        vertices = pipeline.model_vertices(model, params)
+        lm = model.landmark_vertices
+        centres = torch.tensor([im.centre for im in images], dtype=torch.float32)
+        pixels = pipeline.project(vertices[:, lm.clamp_min(0)], params.focal, centres).numpy()
+    errors = []
+    for i, im in enumerate(images):
+        ok = (lm.numpy() >= 0) & np.isfinite(im.landmarks).all(1)
+        errors.append(np.linalg.norm(pixels[i, ok] - im.landmarks[ok], axis=1).mean())
+    return np.array(errors)
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+def list_inputs(path: str) -> tuple:
+    """``path`` (an image or a folder) -> (image paths, skipped non-image files)."""
+    if os.path.isfile(path):
+        return [path], []
+    if not os.path.isdir(path):
+        raise FitError(f"input '{path}' does not exist: give an image file or a folder of images")
+    names = sorted(os.listdir(path))
+    files = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n)) and not n.startswith('.')]
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not images:
+        raise FitError(f"input folder '{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                       f"point --input at a folder of photos")
+    return images, [f for f in files if f not in images]
+
+
+def prepare_image(index: int, path: str, config, detector, landmarks_path: str) -> FitImage:
+    """Read, scale and find the landmarks of one photo; raise FitError with a clear message."""
+    try:
+        pixels = utils.load_image(path)
+    except utils.InputImageError as error:
+        raise FitError(str(error)) from None
+    if min(pixels.shape[:2]) < utils.MIN_IMAGE_SIZE:
+        raise FitError(f'{path}: the image is {pixels.shape[1]}x{pixels.shape[0]} px, too small to fit a face '
+                       f'(at least {utils.MIN_IMAGE_SIZE} px per side): use a larger photo')
+    fitted, scale = utils.resize_image(pixels, config.maxResolution)
+    if landmarks_path:
+        try:
+            points = landmarks_module.read_landmark_file(landmarks_module.landmark_file_for(landmarks_path, path))
+        except landmarks_module.LandmarkError as error:
+            raise FitError(str(error)) from None
+        note = 'landmarks from file'
+    else:
+        full = (np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+        points, faces = detector.detect(full)
+        if points is None:
+            raise FitError(f'{path}: no face found; use a photo with a visible face, or give its 68 '
+                           f'landmarks with --landmarks')
+        note = f'{faces} faces found, fitting the largest' if faces > 1 else 'one face found'
+    landmarks = points * scale
+    inside = ((landmarks >= 0) & (landmarks < [fitted.shape[1], fitted.shape[0]])).all(axis=1)
+    if inside.sum() < 20:
+        raise FitError(f'{path}: only {inside.sum()} of 68 landmarks lie inside the image; the face is '
+                       f'too cut by the border to fit')
+    if not inside.all():
+        note += f'; {68 - inside.sum()} landmarks outside the image are ignored'
+        landmarks = np.where(inside[:, None], landmarks, np.nan)
+    print(f'[{index}] {path}: {fitted.shape[1]}x{fitted.shape[0]} px (scale {scale:.3f}), {note}')
+    return FitImage(index, path, fitted, scale, landmarks)
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+def overlay_image(model, params: pipeline.SceneParameters, image: FitImage, row: int, zoom: int = 2) -> np.ndarray:
+    """The photo with the model's front-facing wireframe (white), its landmarks (red) and the
+    target landmarks (green) [h·zoom, w·zoom, 3]."""
+    from PIL import Image, ImageDraw
+    width, height = image.size
+    canvas = Image.fromarray((image.pixels * 255).astype(np.uint8)).resize((width * zoom, height * zoom))
+    layer = Image.new('RGBA', canvas.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    with torch.no_grad():
+        single = _select(params, row)
+        vertices = pipeline.model_vertices(model, single)[0]
+        pixels = pipeline.project(vertices[None], single.focal, torch.tensor([image.centre]))[0].numpy() * zoom
+        faces = model.faces.numpy()
+        normals = utils.face_normals_np(vertices.numpy(), faces)
+        facing = (normals * vertices.numpy()[faces[:, 0]]).sum(1) < 0  # toward the camera at the origin
+    for a, b, c in faces[facing]:
+        draw.line([tuple(pixels[a]), tuple(pixels[b]), tuple(pixels[c]), tuple(pixels[a])],
+                  fill=(255, 255, 255, 40), width=1)
+    lm = model.landmark_vertices.numpy()
+    for j in range(68):
+        if np.isfinite(image.landmarks[j]).all():
+            x, y = image.landmarks[j] * zoom
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(0, 255, 0, 255))
+        if lm[j] >= 0:
+            x, y = pixels[lm[j]]
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(255, 0, 0, 255))
+    return np.asarray(Image.alpha_composite(canvas.convert('RGBA'), layer).convert('RGB'), np.float32) / 255
+
+
+def _select(params: pipeline.SceneParameters, image: int) -> pipeline.SceneParameters:
+    """The parameters of one image of a batch (identity rows picked accordingly)."""
+    identity = params.identity_index(image)
+    pick = lambda t, i: None if t is None else t[i:i + 1]
+    return pipeline.SceneParameters(
+        shape=pick(params.shape, identity), expression=pick(params.expression, image),
+        rotation=pick(params.rotation, image), translation=pick(params.translation, image),
+        focal=pick(params.focal, image), albedo=pick(params.albedo, identity), sh=pick(params.sh, image),
+        diffuse_map=pick(params.diffuse_map, identity), specular_map=pick(params.specular_map, identity),
+        roughness_map=pick(params.roughness_map, identity), stage=params.stage)
+
+
+def save_geometry(folder: str, model, params: pipeline.SceneParameters, images: list, suffix: str = '') -> None:
+    """Per image: ``mesh{i}.obj`` in camera coordinates, ``params{i}.json``, ``landmarks{i}.png``."""
+    with torch.no_grad():
+        vertices = pipeline.model_vertices(model, params).numpy()
+    for row, image in enumerate(images):
+        i = f'{image.index}{suffix}'
+        material = f'mesh{i}.mtl' if os.path.exists(os.path.join(folder, f'mesh{i}.mtl')) else ''
+        utils.write_obj(os.path.join(folder, f'mesh{i}.obj'), vertices[row], model.faces.numpy(),
+                        model.uvs.numpy(), model.uv_faces.numpy(), material_file=material)
+        utils.write_text(os.path.join(folder, f'params{i}.json'), pipeline.params_json(
+            params, row, image.size[0], image.size[1], image.scale, image.path, model.name))
+        utils.save_image(os.path.join(folder, f'landmarks{i}.png'), overlay_image(model, params, image, row))
+
+
+# ------------------------------------------------------------------------------- the command
+
+def last_stage(config) -> int:
+    """The last stage this config runs: stages with 0 iterations are skipped."""
+    return 3 if config.iterStep3 > 0 else 2 if config.iterStep2 > 0 else 1
+
+
+def checkpoint_path(folder: str, name: str, stage: int) -> str:
+    return os.path.join(folder, 'checkpoints', f'{name}_stage{stage}.pt')
+
+
+def latest_checkpoint(folder: str, name: str, until: int):
+    """The parameters of the latest finished stage <= ``until`` of ``name``, or None."""
+    for stage in range(until, 0, -1):
+        path = checkpoint_path(folder, name, stage)
+        if os.path.isfile(path):
+            return pipeline.SceneParameters.load(path)
+    return None
+
+
+def fit_group(model, images: list, config, shared_identity: bool, output: str, name: str, resume: bool) -> None:
+    """Run every stage on ``images`` (one image, or all of them with a shared identity), writing
+    a checkpoint after each stage and the outputs at the end."""
+    import appearance
+    final = last_stage(config)
+    params = latest_checkpoint(output, name, final) if resume else None
+    if params is not None:
+        print(f'{name}: resuming after stage {params.stage}')
+    if params is None:
+        params = fit_landmarks(model, images, config, shared_identity)
+        params.save(checkpoint_path(output, name, 1))
+        errors = landmark_error(model, params, images)
+        print(f'{name}: stage 1 landmark error ' + ', '.join(f'{e:.2f}' for e in errors) + ' px')
+        if config.saveIntermediateStage:
+            save_geometry(output, model, params, images, suffix='_stage1')
+    if params.stage < final:
+        params = appearance.fit(model, params, images, config, output, name)
+    if final == 1:
+        save_geometry(output, model, params, images)
+    else:
+        appearance.save_outputs(output, model, params, images, config)
+
+
+def check_output_folder(output: str, overwrite: bool, resume: bool) -> None:
+    """Never write over earlier results unless told to."""
+    if os.path.isdir(output) and os.listdir(output) and not (overwrite or resume):
+        raise FitError(f"output folder '{output}' already holds results: pass --overwrite to replace them, "
+                       f"--resume to continue that run, or choose another --output")
+    try:
+        os.makedirs(os.path.join(output, 'checkpoints'), exist_ok=True)
+        probe = os.path.join(output, '.write-test')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise FitError(f"cannot write to output folder '{output}' ({error.strerror}): choose another --output") from None
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--input', required=True, help='an image, or a folder of images (a batch)')
+    parser.add_argument('--output', required=True, help='folder for the results')
+    parser.add_argument('--sharedIdentity', action='store_true',
+                        help='the images show one person: share identity shape and reflectance')
+    parser.add_argument('--config', default=None, help='INI config file (default: optimConfig.ini beside this script)')
+    parser.add_argument('--landmarks', default=None,
+                        help="68 landmarks 'x y' per row in input pixels: a file, or for a folder input a "
+                             "folder of <image stem>.txt")
+    parser.add_argument('--device', choices=('cpu', 'cuda'), help='override config key device')
+    parser.add_argument('--maxResolution', type=int, help='override config key maxResolution')
+    parser.add_argument('--iterations', type=int, nargs=3, metavar=('STEP1', 'STEP2', 'STEP3'),
+                        help='override config keys iterStep1 iterStep2 iterStep3')
+    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config key')
+    parser.add_argument('--overwrite', action='store_true', help='replace results already in --output')
+    parser.add_argument('--resume', action='store_true', help='continue a run in --output from its checkpoints')
+    return parser.parse_args(argv)
+
+
+def load_run_config(args):
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'optimConfig.ini')
+    config = config_module.load_config(args.config or default)
+    overrides = dict(item.split('=', 1) if '=' in item else (item, '') for item in args.set)
+    if args.device:
+        overrides['device'] = args.device
+    if args.maxResolution:
+        overrides['maxResolution'] = args.maxResolution
+    if args.iterations:
+        overrides.update(iterStep1=args.iterations[0], iterStep2=args.iterations[1], iterStep3=args.iterations[2])
+    config = config.replace(**{k.strip(): v for k, v in overrides.items()})
+    if config.device == 'cuda' and not _cuda_available():
+        print("warning: device = 'cuda' but no CUDA GPU is usable here; running on the CPU instead")
+        config = config.replace(device='cpu')
+    return config
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def run(args) -> int:
+    """The whole command; -> exit status (0 only if every image was fitted)."""
+    config = load_run_config(args)
+    torch.manual_seed(config.seed)
+    paths, skipped = list_inputs(args.input)
+    for path in skipped:
+        print(f'note: skipping {path}: not an image ({", ".join(IMAGE_EXTENSIONS)})')
+    check_output_folder(args.output, args.overwrite, args.resume)
+    model = morphableModel.load_model(config)
+    detector = None if args.landmarks else landmarks_module.make_detector(config.lamdmarksDetectorType, config.device)
+    failures = {}
+    final = last_stage(config)
+
+    def prepare(index, path):
+        try:
+            return prepare_image(index, path, config, detector, args.landmarks)
+        except FitError as error:
+            failures[path] = str(error)
+            print(f'error: {error}')
+            return None
+
+    if args.sharedIdentity:
+        images = [im for im in (prepare(i, p) for i, p in enumerate(paths)) if im is not None]
+        if images:
+            fit_group(model, images, config, True, args.output, 'batch', args.resume)
+    else:
+        from tqdm import tqdm
+        for index, path in enumerate(tqdm(paths, desc='images', unit='image', disable=len(paths) == 1)):
+            name = f'image{index}'
+            if args.resume and os.path.isfile(checkpoint_path(args.output, name, final)) \
+                    and os.path.isfile(os.path.join(args.output, f'params{index}.json')):
+                print(f'[{index}] {path}: already fitted, skipped (--resume)')
+                continue
+            image = prepare(index, path)
+            if image is None:
+                continue
+            try:
+                fit_group(model, [image], config, False, args.output, name, args.resume)
+            except FitError as error:
+                failures[path] = str(error)
+                print(f'error: {error}')
+    fitted = len(paths) - len(failures)
+    print(f'done: {fitted} of {len(paths)} images fitted; results in {os.path.abspath(args.output)}')
+    for path, reason in failures.items():
+        print(f'  failed: {reason}')
+    return 0 if not failures else 1
+
+
+def main(argv=None) -> int:
+    args = parse_arguments(argv)
+    try:
+        return run(args)
+    except (FitError, config_module.ConfigError, morphableModel.ModelFileError,
+            landmarks_module.LandmarkError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'\ninterrupted: continue with --resume --output {args.output}', file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Differentiable ray tracing of the face with Mitsuba 3, driven from PyTorch.
+
+The scene: the face mesh (positions, normals, UVs), a BSDF that is Lambertian diffuse plus GGX
+microfacet specular with diffuse/specular/roughness texture maps, the SH environment map as the
+only light (rays toward it are blocked by the face itself: shadows), and a pinhole camera with
+the fitted focal length. The scene is built once per image size; each render only updates its
+parameters. ``drjit.wrap`` carries gradients back to PyTorch for vertices, maps and the light.
+"""
+import glob
+import os
+import sys
+
+import numpy as np
+import torch
+
+import sphericalharmonics
+
+
+class RendererError(RuntimeError):
+    """The ray tracer cannot run here; the message says how to fix it."""
+
+
+_mi = None
+
+
+def _find_libllvm() -> str:
+    """An LLVM >= 17 shared library: $DRJIT_LIBLLVM_PATH, else the one pip's karellen-llvm-core
+    puts in this environment (Debian 12's LLVM 14/15 abort the process on real kernels)."""
+    if os.environ.get('DRJIT_LIBLLVM_PATH'):
+        return os.environ['DRJIT_LIBLLVM_PATH']
+    for pattern in ('libLLVM.so.*', 'libLLVM-*.so'):
+        found = sorted(glob.glob(os.path.join(sys.prefix, 'lib', pattern)))
+        if found:
+            return found[-1]
+    return ''
+
+
+def mitsuba(device: str = 'cpu'):
+    """Import Mitsuba with the variant for ``device`` ('cpu': llvm_ad_rgb, 'cuda': cuda_ad_rgb)."""
+    global _mi
+    variant = 'cuda_ad_rgb' if device == 'cuda' else 'llvm_ad_rgb'
+    if _mi is None:
+        if variant == 'llvm_ad_rgb':
+            library = _find_libllvm()
+            if not library:
+                raise RendererError(
+                    'the CPU ray tracer needs LLVM >= 17: run ./setup.sh (it installs karellen-llvm-core), '
+                    'or install libllvm19 and set DRJIT_LIBLLVM_PATH to its libLLVM.so')
+            os.environ['DRJIT_LIBLLVM_PATH'] = library
+        import mitsuba as mi
+        _mi = mi
+    try:
+        _mi.set_variant(variant)
+    except (ImportError, AttributeError, RuntimeError) as error:
+        raise RendererError(f'Mitsuba variant {variant} is not usable here ({error}); for the CPU install '
+                            f'LLVM >= 17 (./setup.sh), for CUDA an NVIDIA driver') from None
+    return _mi
+
+
+def render_vertex_layout(faces: np.ndarray, uv_faces: np.ndarray) -> tuple:
+    """Split vertices at UV seams: each (vertex, uv) corner pair becomes one render vertex.
+
+    -> geometry index of each render vertex [m], uv index [m], render triangles [tris, 3]."""
+    pairs = np.stack([faces.reshape(-1), uv_faces.reshape(-1)], axis=1)
+    unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    return unique[:, 0], unique[:, 1], inverse.reshape(-1, 3)
+
+
+class FaceRenderer:
+    """Renders [height, width] images of one face mesh with Mitsuba 3.
+
+    ``render`` takes torch tensors and returns a linear RGB image [height, width, 3] with an alpha
+    channel of the face coverage [height, width, 1], differentiable w.r.t. every input."""
+
+    def __init__(self, faces: torch.Tensor, uv_faces: torch.Tensor, uvs: torch.Tensor, width: int, height: int,
+                 texture_resolution: int, envmap_rows: int, device: str = 'cpu', integrator: str = 'prb'):
+        mi = self.mi = mitsuba(device)
+        self.device = device
+        geometry_index, uv_index, triangles = render_vertex_layout(faces.cpu().numpy(), uv_faces.cpu().numpy())
+        self.geometry_index = torch.from_numpy(geometry_index).to(faces.device)
+        self.width, self.height = width, height
+        uv = uvs.cpu().numpy()[uv_index].astype(np.float32)
+        uv[:, 1] = 1 - uv[:, 1]  # OBJ's v is up, Mitsuba looks up row v·res: maps keep row 0 at v = 1
+        mesh = mi.Mesh('face', len(geometry_index), len(triangles), has_vertex_normals=True,
+                       has_vertex_texcoords=True)
+        mesh_params = mi.traverse(mesh)
+        mesh_params['faces'] = mi.UInt32(triangles.reshape(-1).astype(np.uint32))
+        mesh_params['vertex_texcoords'] = mi.Float(uv.reshape(-1))
+        mesh_params.update()
+        flat = lambda channels: mi.Bitmap(np.full((texture_resolution, texture_resolution, channels), 0.5, np.float32))
+        texture = lambda channels: {'type': 'bitmap', 'bitmap': flat(channels), 'raw': True,
+                                    'filter_type': 'bilinear', 'wrap_mode': 'clamp'}
+        # blendbsdf returns (1 - w)·diffuse + w·specular: with w = 1/2 the maps are given at twice
+        # their value, so the sum is Lambert(albedo) + GGX(specular, roughness).
+        mesh.set_bsdf(mi.load_dict({
+            'type': 'blendbsdf', 'weight': 0.5,
+            'diffuse': {'type': 'diffuse', 'reflectance': texture(3)},
+            'specular': {'type': 'roughconductor', 'distribution': 'ggx', 'material': 'none',
+                         'specular_reflectance': texture(3), 'alpha': texture(1)}}))
+        envmap = np.ones((envmap_rows, 2 * envmap_rows, 3), np.float32)
+        self.scene = mi.load_dict({
+            'type': 'scene',
+            'integrator': ({'type': 'prb', 'max_depth': 2} if integrator == 'prb'
+                           else {'type': 'direct_projective', 'sppi': 0}),
+            'sensor': {'type': 'perspective', 'fov_axis': 'x', 'fov': 45.0,
+                       'to_world': mi.ScalarTransform4f().look_at(origin=[0, 0, 0], target=[0, 0, 1], up=[0, -1, 0]),
+                       'near_clip': 1.0, 'far_clip': 1e5,
+                       'film': {'type': 'hdrfilm', 'width': width, 'height': height, 'rfilter': {'type': 'box'},
+                                'pixel_format': 'rgba'}},
+            'face': mesh,
+            'light': {'type': 'envmap', 'bitmap': mi.Bitmap(envmap),
+                      'to_world': mi.ScalarTransform4f(sphericalharmonics.ENVMAP_TO_WORLD.tolist())}})
+        self.params = mi.traverse(self.scene)
+        self.keys = dict(
+            positions='face.vertex_positions', normals='face.vertex_normals',
+            diffuse='face.bsdf.bsdf_0.reflectance.data', specular='face.bsdf.bsdf_1.specular_reflectance.data',
+            roughness='face.bsdf.bsdf_1.alpha.data', envmap='light.data', fov='sensor.x_fov')
+        self.params.keep(list(self.keys.values()))
+        self.envmap_width = self.params[self.keys['envmap']].shape[1]
+        self._render = self._make_wrapped_render()
+
+    def _make_wrapped_render(self):
+        mi, dr = self.mi, __import__('drjit')
+        params, keys = self.params, self.keys
+
+        @dr.wrap(source='torch', target='drjit')
+        def render(positions, normals, diffuse, specular, roughness, envmap, spp, seed):
+            params[keys['positions']] = dr.ravel(positions)
+            params[keys['normals']] = dr.ravel(normals)
+            params[keys['diffuse']] = diffuse
+            params[keys['specular']] = specular
+            params[keys['roughness']] = roughness
+            params[keys['envmap']] = envmap
+            params.update()
+            return mi.render(self.scene, params, spp=spp, seed=seed)
+        return render
+
+    def set_focal(self, focal: float) -> None:
+        """Horizontal field of view from the focal length (px); not differentiated (stage 1 fits it)."""
+        self.params[self.keys['fov']] = float(np.degrees(2 * np.arctan(self.width / 2 / focal)))
+        self.params.update()
+
+    def render(self, vertices: torch.Tensor, normals: torch.Tensor, diffuse_map: torch.Tensor,
+               specular_map: torch.Tensor, roughness_map: torch.Tensor, envmap: torch.Tensor,
+               focal: float, spp: int, seed: int = 0) -> torch.Tensor:
+        """vertices, normals [verts, 3] (camera frame, per geometry vertex); maps [res, res, 3|3|1]
+        (v up, like the OBJ UVs); envmap [rows, 2·rows, 3] -> RGBA image [height, width, 4]."""
+        self.set_focal(focal)
+        to_render = lambda t: t[self.geometry_index].contiguous().float()
+        texture = lambda t: t.contiguous().float()  # row 0 is v = 1 for both, see __init__
+        wrap = self.envmap_width - envmap.shape[1]
+        envmap = torch.cat([envmap, envmap[:, :wrap]], dim=1) if wrap > 0 else envmap
+        image = self._render(to_render(vertices), to_render(normals), 2 * texture(diffuse_map),
+                             2 * texture(specular_map), texture(roughness_map.clamp(0.01, 1.0)),
+                             envmap.clamp_min(0).contiguous().float(), spp, seed)
+        return image
