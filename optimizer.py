@@ -211,6 +211,272 @@ def landmark_error(model, params: pipeline.SceneParameters, images: list) -> np.
     return np.array(errors)
 
 
+# ------------------------------------------------------------------------------- stages 2, 3
+
+class AppearanceScene:
+    """What stages 2 and 3 share: a renderer per image, the photos in linear colour, the UV
+    interpolation of per-vertex albedo, the SH environment map."""
+
+    def __init__(self, model, images: list, config):
+        import renderer
+        import sphericalharmonics
+        self.model, self.images, self.config = model, images, config
+        self.renderers = [renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, *im.size,
+                                                config.textureResolution, config.envMapRes,
+                                                config.device, config.integrator) for im in images]
+        self.photos = [torch.from_numpy(utils.srgb_to_linear(im.pixels)) for im in images]  # [h, w, 3]
+        matrix, self.texel_mask = utils.texel_interpolation(
+            model.uvs.numpy(), model.uv_faces.numpy(), model.faces.numpy(), config.textureResolution)
+        self.texels = utils.sparse_to_torch(matrix)
+        self.envmap = sphericalharmonics.EnvironmentMap(config.bands, config.envMapRes, config.smoothSh)
+        self.centres = torch.tensor([im.centre for im in images], dtype=torch.float32)
+        self.targets = torch.tensor(np.nan_to_num(np.stack([im.landmarks for im in images]), nan=0.0),
+                                    dtype=torch.float32)
+        lm_ok = np.stack([np.isfinite(im.landmarks).all(1) for im in images]) & (model.landmark_vertices.numpy() >= 0)
+        self.landmark_weights = torch.from_numpy(lm_ok * landmarks_module.LANDMARK_WEIGHTS).float()
+
+    def vertex_texture(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-vertex values [verts, c] -> UV map [res, res, c]."""
+        res = self.config.textureResolution
+        return torch.sparse.mm(self.texels, values).reshape(res, res, -1)
+
+    def statistical_maps(self, params: pipeline.SceneParameters, identity: int) -> tuple:
+        """The diffuse and specular maps [res, res, 3] of the statistical albedo."""
+        coefficients = params.albedo[identity:identity + 1]
+        diffuse = self.model.diffuse_albedo(coefficients)[0].clamp(0, 1)
+        specular = self.model.specular_albedo(coefficients)[0].clamp(0, 1)
+        return self.vertex_texture(diffuse), self.vertex_texture(specular)
+
+    def maps(self, params: pipeline.SceneParameters, identity: int) -> tuple:
+        """(diffuse, specular, roughness) maps of one identity: per-texel after stage 3's start,
+        else from the statistical model with a uniform roughness."""
+        if params.diffuse_map is not None:
+            return (params.diffuse_map[identity], params.specular_map[identity], params.roughness_map[identity])
+        diffuse, specular = self.statistical_maps(params, identity)
+        roughness = torch.full((*diffuse.shape[:2], 1), INITIAL_ROUGHNESS)
+        return diffuse, specular, roughness
+
+    def render(self, params: pipeline.SceneParameters, image: int, spp: int, seed: int) -> torch.Tensor:
+        """RGBA render [h, w, 4] of image ``image`` (linear colour)."""
+        vertices = pipeline.model_vertices(self.model, _select(params, image))[0]
+        normals = utils.vertex_normals(vertices[None], self.model.faces)[0]
+        diffuse, specular, roughness = self.maps(params, params.identity_index(image))
+        envmap = self.envmap(params.sh[image:image + 1])[0]
+        return self.renderers[image].render(vertices, normals, diffuse, specular, roughness, envmap,
+                                            float(params.focal[image]), spp, seed)
+
+    def photometric_loss(self, rendered: torch.Tensor, image: int) -> torch.Tensor:
+        """Mean L1 distance over the pixels the face covers (linear colour)."""
+        alpha = rendered[..., 3:].detach()
+        return (alpha * (rendered[..., :3] - self.photos[image]).abs()).sum() / (3 * alpha.sum().clamp_min(1.0))
+
+    def landmark_loss(self, params: pipeline.SceneParameters) -> torch.Tensor:
+        """Weighted mean squared landmark distance (px²)."""
+        vertices = pipeline.model_vertices(self.model, params)
+        points = pipeline.project(vertices[:, self.model.landmark_vertices.clamp_min(0)], params.focal, self.centres)
+        squared = ((points - self.targets) ** 2).sum(-1)
+        return (self.landmark_weights * squared).sum() / self.landmark_weights.sum()
+
+
+INITIAL_ROUGHNESS = 0.45
+
+
+def initial_light(scene: AppearanceScene, params: pipeline.SceneParameters) -> torch.Tensor:
+    """Uniform SH light that makes the mean albedo match each photo's mean face colour [n, bands², 3]."""
+    import sphericalharmonics
+    lights = []
+    for i in range(len(scene.images)):
+        with torch.no_grad():
+            rendered = scene.render(params, i, spp=4, seed=0)
+        alpha = rendered[..., 3:] > 0.5
+        photo_mean = (scene.photos[i] * alpha).sum((0, 1)) / alpha.sum().clamp_min(1)
+        albedo_mean = scene.model.diffuse_mean.mean(0)
+        lights.append(sphericalharmonics.constant_light(scene.config.bands, photo_mean / albedo_mean.clamp_min(0.05)))
+    return torch.stack(lights)
+
+
+def _adam_loop(name: str, groups: list, loss_fn, iterations: int, config, debug=None) -> None:
+    """Adam over ``groups`` (torch param groups) for ``iterations`` steps. A non-finite loss puts
+    back the last good values and halves the steps; it fails the image after five in a row."""
+    from tqdm import tqdm
+    optimizer = torch.optim.Adam(groups)
+    tensors = [t for group in groups for t in group['params']]
+    good = [t.detach().clone() for t in tensors]
+    bad_in_a_row = 0
+    progress = tqdm(range(iterations), desc=name, unit='it', leave=False, disable=not sys.stderr.isatty())
+    for iteration in progress:
+        optimizer.zero_grad()
+        loss, parts = loss_fn(iteration)
+        if not torch.isfinite(loss):
+            bad_in_a_row += 1
+            if bad_in_a_row >= 5:
+                raise FitError(f'{name}: the loss stays NaN/Inf; the fit of this image diverged')
+            with torch.no_grad():
+                for tensor, value in zip(tensors, good):
+                    tensor.copy_(value)
+            for group in optimizer.param_groups:
+                group['lr'] /= 2
+            continue
+        bad_in_a_row = 0
+        loss.backward()
+        optimizer.step()
+        if iteration % 10 == 0:
+            good = [t.detach().clone() for t in tensors]
+        if config.verbose:
+            print(f'{name} {iteration}: ' + ', '.join(f'{k} {float(v):.5f}' for k, v in parts.items()))
+        progress.set_postfix({k: f'{float(v.detach()):.4f}' for k, v in parts.items()})
+        if debug is not None and config.debugFrequency and iteration % config.debugFrequency == 0:
+            debug(iteration)
+
+
+def fit_stage2(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipeline.SceneParameters:
+    """Stage 2: identity, expression, statistical albedo, pose and SH light by the photometric
+    loss, with landmark and prior terms."""
+    config = scene.config
+    params = params.detached()
+    params.sh = initial_light(scene, params) if params.sh.abs().sum() == 0 else params.sh
+    trainable = [params.shape, params.expression, params.rotation, params.translation, params.albedo, params.sh]
+    for tensor in trainable:
+        tensor.requires_grad_(True)
+    groups = [dict(params=[params.shape, params.expression], lr=0.02),
+              dict(params=[params.albedo], lr=0.02),
+              dict(params=[params.rotation], lr=0.002),
+              dict(params=[params.translation], lr=0.5),
+              dict(params=[params.sh], lr=0.01)]
+
+    def loss_fn(iteration):
+        photo = sum(scene.photometric_loss(scene.render(params, i, config.rtTrainingSamples, iteration), i)
+                    for i in range(len(scene.images))) / len(scene.images)
+        landmark = scene.landmark_loss(params)
+        prior = (config.weightShapeReg * (params.shape ** 2).mean()
+                 + config.weightExpressionReg * (params.expression ** 2).mean()
+                 + config.weightAlbedoReg * (params.albedo ** 2).mean())
+        loss = photo + config.weightLandmarksLossStep2 * landmark + prior
+        return loss, dict(photo=photo, landmarks=landmark)
+
+    _adam_loop('stage 2', groups, loss_fn, config.iterStep2, config)
+    params = params.detached()
+    params.stage = 2
+    return params
+
+
+def _texture_regularizers(map_: torch.Tensor, reference: torch.Tensor, weights: tuple) -> torch.Tensor:
+    """Symmetry (mirror in u), consistency (to the stage-2 map) and smoothness of a map [res, res, c]."""
+    symmetry, consistency, smoothness = weights
+    mirrored = torch.flip(map_, dims=[1])
+    smooth = ((map_[1:] - map_[:-1]) ** 2).mean() + ((map_[:, 1:] - map_[:, :-1]) ** 2).mean()
+    return (symmetry * ((map_ - mirrored) ** 2).mean() + consistency * ((map_ - reference) ** 2).mean()
+            + smoothness * smooth)
+
+
+def fit_stage3(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipeline.SceneParameters:
+    """Stage 3: per-texel diffuse, specular and roughness maps (and the light), starting from the
+    statistical albedo, with symmetry, consistency and smoothness regularizers."""
+    config = scene.config
+    params = params.detached()
+    identities = params.shape.shape[0]
+    start = [scene.maps(params, k) for k in range(identities)]
+    params.diffuse_map, params.specular_map, params.roughness_map = (
+        torch.stack([s[j] for s in start]).detach().clone() for j in range(3))
+    references = [t.detach().clone() for t in (params.diffuse_map, params.specular_map, params.roughness_map)]
+    for tensor in (params.diffuse_map, params.specular_map, params.roughness_map, params.sh):
+        tensor.requires_grad_(True)
+    groups = [dict(params=[params.diffuse_map, params.specular_map, params.roughness_map], lr=0.005),
+              dict(params=[params.sh], lr=0.005)]
+    weights = ((config.weightDiffuseSymmetryReg, config.weightDiffuseConsistencyReg, config.weightDiffuseSmoothnessReg),
+               (config.weightSpecularSymmetryReg, config.weightSpecularConsistencyReg, config.weightSpecularSmoothnessReg),
+               (config.weightRoughnessSymmetryReg, config.weightRoughnessConsistencyReg, config.weightRoughnessSmoothnessReg))
+
+    def loss_fn(iteration):
+        photo = sum(scene.photometric_loss(scene.render(params, i, config.rtTrainingSamples, 10_000 + iteration), i)
+                    for i in range(len(scene.images))) / len(scene.images)
+        regularizer = sum(_texture_regularizers(m[k], r[k], w) for m, r, w in zip(
+            (params.diffuse_map, params.specular_map, params.roughness_map), references, weights)
+            for k in range(identities))
+        landmark = scene.landmark_loss(params)
+        loss = photo + regularizer + config.weightLandmarksLossStep3 * landmark
+        return loss, dict(photo=photo, regularizer=regularizer)
+
+    _adam_loop('stage 3', groups, loss_fn, config.iterStep3, config)
+    params = params.detached()
+    with torch.no_grad():
+        params.diffuse_map.clamp_(0, 1)
+        params.specular_map.clamp_(0, 1)
+        params.roughness_map.clamp_(0.01, 1)
+    params.stage = 3
+    return params
+
+
+def fit_appearance(model, params: pipeline.SceneParameters, images: list, config, output: str,
+                   name: str) -> pipeline.SceneParameters:
+    """Stages 2 and 3 from wherever ``params`` stands, with a checkpoint after each."""
+    scene = AppearanceScene(model, images, config)
+    if params.stage < 2 and config.iterStep2 > 0:
+        params = fit_stage2(scene, params)
+        params.save(checkpoint_path(output, name, 2))
+        print(f'{name}: stage 2 photometric error {photometric_error(scene, params):.4f}')
+        if config.saveIntermediateStage:
+            save_outputs(output, model, params, images, config, suffix='_stage2', scene=scene)
+    if params.stage < 3 and config.iterStep3 > 0:
+        params = fit_stage3(scene, params)
+        params.save(checkpoint_path(output, name, 3))
+        print(f'{name}: stage 3 photometric error {photometric_error(scene, params):.4f}')
+    return params
+
+
+def photometric_error(scene: AppearanceScene, params: pipeline.SceneParameters, spp: int = 32) -> float:
+    """Mean L1 error (linear colour) over the face pixels, averaged over the images."""
+    with torch.no_grad():
+        return float(np.mean([float(scene.photometric_loss(scene.render(params, i, spp, 999), i))
+                              for i in range(len(scene.images))]))
+
+
+def save_outputs(folder: str, model, params: pipeline.SceneParameters, images: list, config,
+                 suffix: str = '', scene: AppearanceScene = None) -> None:
+    """Per image: ``render_{i}.png`` (input | overlay | reconstruction | diffuse | specular |
+    roughness), the three maps, ``mesh{i}.obj`` + ``.mtl``, the env map and ``params{i}.json``."""
+    import sphericalharmonics
+    scene = scene or AppearanceScene(model, images, config)
+    with torch.no_grad():
+        for row, image in enumerate(images):
+            i = f'{image.index}{suffix}'
+            identity = params.identity_index(row)
+            diffuse, specular, roughness = scene.maps(params, identity)
+            maps = dict(diffuseMap=utils.linear_to_srgb(diffuse.numpy()),
+                        specularMap=utils.linear_to_srgb(specular.numpy()),
+                        roughnessMap=np.repeat(roughness.numpy(), 3, axis=2))
+            for key, value in maps.items():
+                utils.save_image(os.path.join(folder, f'{key}_{i}.png'), value)
+            utils.write_mtl(os.path.join(folder, f'mesh{i}.mtl'), f'diffuseMap_{i}.png',
+                            f'specularMap_{i}.png', f'roughnessMap_{i}.png')
+            rendered = scene.render(params, row, config.rtSamples, 12345).numpy()
+            vertices = pipeline.model_vertices(model, _select(params, row))[0]
+            uv = scene.renderers[row].uv_image(vertices, float(params.focal[row]))
+            panels = [image.pixels, _composite(rendered, image.pixels), utils.linear_to_srgb(rendered[..., :3])]
+            for value in maps.values():
+                panels.append(_composite(np.concatenate([_sample_map(value, uv), rendered[..., 3:]], axis=2),
+                                         np.zeros_like(image.pixels), encoded=True))
+            utils.save_image(os.path.join(folder, f'render_{i}.png'), np.concatenate(panels, axis=1))
+            envmap = scene.envmap(params.sh[row:row + 1])[0].numpy()
+            sphericalharmonics.save_envmap(os.path.join(folder, f'envMap_{i}.{"exr" if config.saveExr else "png"}'), envmap)
+    save_geometry(folder, model, params, images, suffix)
+
+
+def _composite(rgba: np.ndarray, background: np.ndarray, encoded: bool = False) -> np.ndarray:
+    """RGBA [h, w, 4] over an sRGB background [h, w, 3]; linear RGB is encoded unless ``encoded``."""
+    rgb = rgba[..., :3] if encoded else utils.linear_to_srgb(rgba[..., :3])
+    alpha = np.clip(rgba[..., 3:], 0, 1)
+    return alpha * rgb + (1 - alpha) * background
+
+
+def _sample_map(texture: np.ndarray, uv: torch.Tensor) -> np.ndarray:
+    """Look up a map [res, res, 3] (row 0 at v = 1) at per-pixel UVs [h, w, 2] -> [h, w, 3]."""
+    grid = torch.stack([uv[..., 0] * 2 - 1, (1 - uv[..., 1]) * 2 - 1], dim=-1)[None].float()
+    values = torch.nn.functional.grid_sample(torch.from_numpy(np.ascontiguousarray(texture)).permute(2, 0, 1)[None].float(),
+                                             grid, align_corners=False, mode='bilinear', padding_mode='border')
+    return values[0].permute(1, 2, 0).numpy()
+
+
 # ------------------------------------------------------------------------------------ inputs
 
 def list_inputs(path: str) -> tuple:
@@ -343,7 +609,6 @@ def latest_checkpoint(folder: str, name: str, until: int):
 def fit_group(model, images: list, config, shared_identity: bool, output: str, name: str, resume: bool) -> None:
     """Run every stage on ``images`` (one image, or all of them with a shared identity), writing
     a checkpoint after each stage and the outputs at the end."""
-    import appearance
     final = last_stage(config)
     params = latest_checkpoint(output, name, final) if resume else None
     if params is not None:
@@ -356,11 +621,11 @@ def fit_group(model, images: list, config, shared_identity: bool, output: str, n
         if config.saveIntermediateStage:
             save_geometry(output, model, params, images, suffix='_stage1')
     if params.stage < final:
-        params = appearance.fit(model, params, images, config, output, name)
+        params = fit_appearance(model, params, images, config, output, name)
     if final == 1:
         save_geometry(output, model, params, images)
     else:
-        appearance.save_outputs(output, model, params, images, config)
+        save_outputs(output, model, params, images, config)
 
 
 def check_output_folder(output: str, overwrite: bool, resume: bool) -> None:

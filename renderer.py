@@ -118,6 +118,7 @@ class FaceRenderer:
         self.params.keep(list(self.keys.values()))
         self.envmap_width = self.params[self.keys['envmap']].shape[1]
         self._render = self._make_wrapped_render()
+        self._uv_integrator = mi.load_dict({'type': 'aov', 'aovs': 'uv:uv'})
 
     def _make_wrapped_render(self):
         mi, dr = self.mi, __import__('drjit')
@@ -154,3 +155,15 @@ class FaceRenderer:
                              2 * texture(specular_map), texture(roughness_map.clamp(0.01, 1.0)),
                              envmap.clamp_min(0).contiguous().float(), spp, seed)
         return image
+
+    def uv_image(self, vertices: torch.Tensor, focal: float) -> torch.Tensor:
+        """The texture coordinate seen by each pixel [height, width, 2] (OBJ convention, v up),
+        for showing the maps in image space. Not differentiable."""
+        self.set_focal(focal)
+        self.params[self.keys['positions']] = self.mi.Float(
+            vertices[self.geometry_index].detach().float().cpu().numpy().reshape(-1))
+        self.params.update()
+        image = torch.from_numpy(np.array(self.mi.render(self.scene, spp=4, integrator=self._uv_integrator)))
+        uv = image[..., -2:].clone()
+        uv[..., 1] = 1 - uv[..., 1]
+        return uv

@@ -224,3 +224,47 @@ def linear_to_srgb(image):
     lib = torch if isinstance(image, torch.Tensor) else np
     image = lib.clip(image, 0.0, 1.0) if lib is np else image.clamp(0.0, 1.0)
     return lib.where(image <= 0.0031308, image * 12.92, 1.055 * image ** (1 / 2.4) - 0.055)
+
+
+# ------------------------------------------------------------------------------- UV sampling
+
+def texel_interpolation(uvs: np.ndarray, uv_faces: np.ndarray, faces: np.ndarray, resolution: int):
+    """The linear map from per-vertex values to a UV texture: sparse [res·res, verts].
+
+    Texel (row, col) has its centre at u = (col + ½)/res, v = 1 − (row + ½)/res (row 0 on top, as
+    the map images are saved). Its value interpolates the three vertices of the UV triangle that
+    holds it, barycentrically; texels outside every triangle copy the nearest inside texel, so
+    bilinear lookups near the UV boundary and seams do not bleed in black."""
+    import matplotlib.tri
+    import scipy.ndimage
+    n_vertices = int(faces.max()) + 1
+    centres = (np.arange(resolution) + 0.5) / resolution
+    u, v = np.meshgrid(centres, 1 - centres)
+    triangulation = matplotlib.tri.Triangulation(uvs[:, 0], uvs[:, 1], uv_faces)
+    triangle = triangulation.get_trifinder()(u.ravel(), v.ravel())  # [res·res], -1 outside
+    inside = triangle >= 0
+    if not inside.any():
+        raise ValueError('the UV map covers no texel')
+    _, nearest = scipy.ndimage.distance_transform_edt(~inside.reshape(resolution, resolution), return_indices=True)
+    source = (nearest[0] * resolution + nearest[1]).ravel()  # each texel -> an inside texel
+    triangle = triangle[source]
+    corners = uvs[uv_faces[triangle]]  # [res·res, 3, 2]
+    points = np.stack([u.ravel(), v.ravel()], axis=1)[source]
+    e1, e2, p = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], points - corners[:, 0]
+    determinant = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+    b1 = (p[:, 0] * e2[:, 1] - p[:, 1] * e2[:, 0]) / determinant
+    b2 = (e1[:, 0] * p[:, 1] - e1[:, 1] * p[:, 0]) / determinant
+    weights = np.clip(np.stack([1 - b1 - b2, b1, b2], axis=1), 0, 1)
+    weights /= weights.sum(axis=1, keepdims=True)
+    rows = np.repeat(np.arange(resolution * resolution), 3)
+    matrix = scipy.sparse.csr_matrix((weights.ravel(), (rows, faces[triangle].ravel())),
+                                     shape=(resolution * resolution, n_vertices))
+    mask = inside.reshape(resolution, resolution)
+    return matrix, mask
+
+
+def sparse_to_torch(matrix) -> torch.Tensor:
+    coo = matrix.tocoo()
+    indices = torch.from_numpy(np.stack([coo.row, coo.col]).astype(np.int64))
+    values = torch.from_numpy(coo.data.astype(np.float32))
+    return torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=True).coalesce()
