@@ -36,6 +36,7 @@ class FitImage:
     pixels: np.ndarray     # [h, w, 3] sRGB in [0, 1], scaled to maxResolution
     scale: float           # fitted size / input size
     landmarks: np.ndarray  # [68, 2] pixels of the fitted image
+    crop: tuple = (0, 0)   # input pixel of the fitted image's top-left corner
 
     @property
     def size(self) -> tuple:
@@ -452,10 +453,11 @@ def save_outputs(folder: str, model, params: pipeline.SceneParameters, images: l
             rendered = scene.render(params, row, config.rtSamples, 12345).numpy()
             vertices = pipeline.model_vertices(model, _select(params, row))[0]
             uv = scene.renderers[row].uv_image(vertices, float(params.focal[row]))
-            panels = [image.pixels, _composite(rendered, image.pixels), utils.linear_to_srgb(rendered[..., :3])]
+            black = np.zeros_like(image.pixels)
+            panels = [image.pixels, _composite(rendered, image.pixels), _composite(rendered, black)]
             for value in maps.values():
                 panels.append(_composite(np.concatenate([_sample_map(value, uv), rendered[..., 3:]], axis=2),
-                                         np.zeros_like(image.pixels), encoded=True))
+                                         black, encoded=True))
             utils.save_image(os.path.join(folder, f'render_{i}.png'), np.concatenate(panels, axis=1))
             envmap = scene.envmap(params.sh[row:row + 1])[0].numpy()
             sphericalharmonics.save_envmap(os.path.join(folder, f'envMap_{i}.{"exr" if config.saveExr else "png"}'), envmap)
@@ -494,6 +496,21 @@ def list_inputs(path: str) -> tuple:
     return images, [f for f in files if f not in images]
 
 
+# The fitted image is a square around the face, this many times the landmarks' extent: the face
+# then fills the pixels that maxResolution allows, whatever the framing of the photo.
+CROP_MARGIN = 1.8
+
+
+def face_crop(points: np.ndarray, width: int, height: int) -> tuple:
+    """Landmarks [68, 2] (input px) -> crop box (x0, y0, x1, y1) inside the image."""
+    finite = points[np.isfinite(points).all(1)]
+    centre = (finite.min(0) + finite.max(0)) / 2
+    half = CROP_MARGIN * (finite.max(0) - finite.min(0)).max() / 2
+    x0, y0 = np.maximum(np.floor(centre - half), 0).astype(int)
+    x1, y1 = np.minimum(np.ceil(centre + half), [width, height]).astype(int)
+    return x0, y0, x1, y1
+
+
 def prepare_image(index: int, path: str, config, detector, landmarks_path: str) -> FitImage:
     """Read, scale and find the landmarks of one photo; raise FitError with a clear message."""
     try:
@@ -503,7 +520,6 @@ def prepare_image(index: int, path: str, config, detector, landmarks_path: str) 
     if min(pixels.shape[:2]) < utils.MIN_IMAGE_SIZE:
         raise FitError(f'{path}: the image is {pixels.shape[1]}x{pixels.shape[0]} px, too small to fit a face '
                        f'(at least {utils.MIN_IMAGE_SIZE} px per side): use a larger photo')
-    fitted, scale = utils.resize_image(pixels, config.maxResolution)
     if landmarks_path:
         try:
             points = landmarks_module.read_landmark_file(landmarks_module.landmark_file_for(landmarks_path, path))
@@ -511,13 +527,14 @@ def prepare_image(index: int, path: str, config, detector, landmarks_path: str) 
             raise FitError(str(error)) from None
         note = 'landmarks from file'
     else:
-        full = (np.clip(pixels, 0, 1) * 255).astype(np.uint8)
-        points, faces = detector.detect(full)
+        points, faces = detector.detect((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
         if points is None:
             raise FitError(f'{path}: no face found; use a photo with a visible face, or give its 68 '
                            f'landmarks with --landmarks')
         note = f'{faces} faces found, fitting the largest' if faces > 1 else 'one face found'
-    landmarks = points * scale
+    x0, y0, x1, y1 = face_crop(points, pixels.shape[1], pixels.shape[0])
+    fitted, scale = utils.resize_image(pixels[y0:y1, x0:x1], config.maxResolution)
+    landmarks = (points - [x0, y0]) * scale
     inside = ((landmarks >= 0) & (landmarks < [fitted.shape[1], fitted.shape[0]])).all(axis=1)
     if inside.sum() < 20:
         raise FitError(f'{path}: only {inside.sum()} of 68 landmarks lie inside the image; the face is '
@@ -526,7 +543,7 @@ def prepare_image(index: int, path: str, config, detector, landmarks_path: str) 
         note += f'; {68 - inside.sum()} landmarks outside the image are ignored'
         landmarks = np.where(inside[:, None], landmarks, np.nan)
     print(f'[{index}] {path}: {fitted.shape[1]}x{fitted.shape[0]} px (scale {scale:.3f}), {note}')
-    return FitImage(index, path, fitted, scale, landmarks)
+    return FitImage(index, path, fitted, scale, landmarks, (x0, y0))
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -582,7 +599,7 @@ def save_geometry(folder: str, model, params: pipeline.SceneParameters, images: 
         utils.write_obj(os.path.join(folder, f'mesh{i}.obj'), vertices[row], model.faces.numpy(),
                         model.uvs.numpy(), model.uv_faces.numpy(), material_file=material)
         utils.write_text(os.path.join(folder, f'params{i}.json'), pipeline.params_json(
-            params, row, image.size[0], image.size[1], image.scale, image.path, model.name))
+            params, row, image.size[0], image.size[1], image.scale, image.crop, image.path, model.name))
         utils.save_image(os.path.join(folder, f'landmarks{i}.png'), overlay_image(model, params, image, row))
 
 

@@ -90,14 +90,15 @@ def model_vertices(model, params: SceneParameters) -> torch.Tensor:
     return to_camera(canonical, params.rotation, params.translation)
 
 
-def params_json(params: SceneParameters, image: int, width: int, height: int, scale: float,
+def params_json(params: SceneParameters, image: int, width: int, height: int, scale: float, crop: tuple,
                 source: str, model_name: str) -> str:
-    """``params{i}.json``: focal, fitted image size and scale, pose and all coefficients of one image."""
+    """``params{i}.json``: focal, fitted image size, its scale and crop from the input, pose and all
+    coefficients of one image. Input pixel = crop + fitted pixel / scale."""
     identity = params.identity_index(image)
     as_list = lambda t: t.detach().cpu().numpy().astype(float).round(7).tolist()
     record = dict(
         source=source, model=model_name, stage=params.stage,
-        width=width, height=height, scale=scale, focal=float(params.focal[image]),
+        width=width, height=height, scale=scale, crop=[int(c) for c in crop], focal=float(params.focal[image]),
         rotation=as_list(params.rotation[image]),
         rotation_matrix=as_list(rotation_matrix(params.rotation[image:image + 1])[0]),
         translation=as_list(params.translation[image]),

@@ -98,7 +98,7 @@ def face_uv_map(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     uv[outer] = np.stack([np.cos(angle), np.sin(angle)], axis=1)
 
     weights = _mean_value_weights(points, triangles)
-    inner = np.setdiff1d(np.arange(n), outer)
+    inner = np.setdiff1d(np.unique(triangles), outer)  # vertices in no triangle stay at the centre
     laplacian = scipy.sparse.diags(np.asarray(weights.sum(axis=1)).ravel()) - weights
     lhs = laplacian[inner][:, inner].tocsc()
     rhs = -laplacian[inner][:, outer] @ uv[outer]
