@@ -2,7 +2,7 @@
 
     python optimizer.py --input IMG_OR_FOLDER --output DIR [--sharedIdentity] [--config F]
 
-Stage 1 fits pose, expression, identity and focal length to 2D landmarks (Levenberg-Marquardt).
+Stage 1 fits pose, expression and focal length to 2D landmarks (Levenberg-Marquardt).
 Stage 2 fits identity, expression, statistical albedo, pose and SH light to the photo through the
 ray tracer. Stage 3 refines per-texel diffuse, specular and roughness maps.
 """
@@ -100,7 +100,8 @@ class LandmarkProblem:
     """Stage 1 as least squares: landmark reprojection in units of σ, plus N(0, 1) priors.
 
     Residuals: √w_j (p_j − l_j) / σ for every detected landmark j with a model vertex, then
-    √λ_shape · shape and √λ_expr · expression. σ = max(w, h) / 128 px (2 px at 256 px), and
+    √λ_expr · expression. Identity is left to stage 2, as in NextFace: 68 points cannot tell
+    identity from expression, focal length and pose apart. σ = max(w, h) / 128 px (2 px at 256 px), and
     λ = weight / 0.001, so NextFace's default weights give the plain Gaussian prior."""
 
     def __init__(self, model, images: list, shared_identity: bool, config, optimize_focal: bool):
@@ -109,7 +110,6 @@ class LandmarkProblem:
         index = lm.clamp_min(0)
         to64 = lambda t: t.to(torch.float64)
         self.mean = to64(model.mean_shape[index])  # [68, 3]
-        self.shape_basis = to64(model.shape_basis[:, index])  # [Ks, 68, 3]
         self.expression_basis = to64(model.expression_basis[:, index])
         self.targets = torch.tensor(np.stack([im.landmarks for im in images]), dtype=torch.float64)
         finite = torch.isfinite(self.targets).all(-1)
@@ -119,11 +119,10 @@ class LandmarkProblem:
         self.residual_scale = (weights.sqrt()[None, :] * (self.valid[None, :] & finite)) / sigma[:, None]
         self.centres = torch.tensor([im.centre for im in images], dtype=torch.float64)
         self.n, self.n_id = len(images), (1 if shared_identity else len(images))
-        self.shape_weight = math.sqrt(config.weightShapeReg / 0.001)
         self.expression_weight = math.sqrt(config.weightExpressionReg / 0.001)
         self.optimize_focal = optimize_focal
         self.sizes = dict(rotation=(self.n, 3), translation=(self.n, 3),
-                          expression=(self.n, model.n_expression), shape=(self.n_id, model.n_shape),
+                          expression=(self.n, model.n_expression),
                           log_focal=(self.n,) if optimize_focal else (0,))
 
     def pack(self, **values) -> torch.Tensor:
@@ -139,9 +138,7 @@ class LandmarkProblem:
 
     def projected(self, p: dict, focal: torch.Tensor) -> torch.Tensor:
         """Model landmarks in pixels [n, 68, 2]."""
-        shape = p['shape'].expand(self.n, -1) if self.n_id == 1 else p['shape']
-        canonical = (self.mean + torch.einsum('nk,kvc->nvc', shape, self.shape_basis)
-                     + torch.einsum('nk,kvc->nvc', p['expression'], self.expression_basis))
+        canonical = self.mean + torch.einsum('nk,kvc->nvc', p['expression'], self.expression_basis)
         camera = pipeline.to_camera(canonical, p['rotation'], p['translation'])
         return pipeline.project(camera, focal, self.centres)
 
@@ -149,8 +146,7 @@ class LandmarkProblem:
         p = self.unpack(x)
         focal = p['log_focal'].exp() if self.optimize_focal else fixed_focal
         error = (self.projected(p, focal) - self.targets) * self.residual_scale[..., None]
-        return torch.cat([error.reshape(-1), self.shape_weight * p['shape'].reshape(-1),
-                          self.expression_weight * p['expression'].reshape(-1)])
+        return torch.cat([error.reshape(-1), self.expression_weight * p['expression'].reshape(-1)])
 
 
 def focal_candidates(images: list, config) -> list:
@@ -165,7 +161,7 @@ def focal_candidates(images: list, config) -> list:
 
 
 def fit_landmarks(model, images: list, config, shared_identity: bool, progress=None) -> pipeline.SceneParameters:
-    """Stage 1: pose, expression, identity and focal length from the landmarks of ``images``."""
+    """Stage 1: pose, expression and focal length from the landmarks of ``images``."""
     problem = LandmarkProblem(model, images, shared_identity, config, config.optimizeFocalLength)
     mean_points = model.mean_shape[model.landmark_vertices.clamp_min(0)].numpy()
     valid = model.landmark_vertices.numpy() >= 0
@@ -179,7 +175,6 @@ def fit_landmarks(model, images: list, config, shared_identity: bool, progress=N
             rotation=torch.tensor(np.stack([p[0] for p in poses])),
             translation=torch.tensor(np.stack([p[1] for p in poses])),
             expression=torch.zeros(problem.sizes['expression'], dtype=torch.float64),
-            shape=torch.zeros(problem.sizes['shape'], dtype=torch.float64),
             log_focal=focal.log() if config.optimizeFocalLength else torch.zeros(0, dtype=torch.float64))
         x, energy = levenberg_marquardt(lambda v: problem.residuals(v, focal), x0, config.iterStep1)
         if best is None or energy < best[1]:
@@ -192,7 +187,7 @@ def fit_landmarks(model, images: list, config, shared_identity: bool, progress=N
         focal = p['log_focal'].exp()
     as32 = lambda t: t.detach().to(torch.float32)
     return pipeline.SceneParameters(
-        shape=as32(p['shape']), expression=as32(p['expression']), rotation=as32(p['rotation']),
+        shape=torch.zeros(problem.n_id, model.n_shape), expression=as32(p['expression']), rotation=as32(p['rotation']),
         translation=as32(p['translation']), focal=as32(focal),
         albedo=torch.zeros(problem.n_id, model.n_albedo),
         sh=torch.zeros(problem.n, config.bands ** 2, 3), stage=1)

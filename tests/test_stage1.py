@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+import config
+import morphableModel
+import optimizer
+import pipeline
+
+
+def rotation_error_degrees(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    relative = pipeline.rotation_matrix(a).transpose(1, 2) @ pipeline.rotation_matrix(b)
+    cos = ((relative.diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1)
+    return np.degrees(torch.acos(cos).numpy())
+
+
+def synthetic_images(model, truth, size=256):
+    centres = torch.tensor([[size / 2, size / 2]] * truth.expression.shape[0])
+    vertices = pipeline.model_vertices(model, truth)
+    points = pipeline.project(vertices[:, model.landmark_vertices], truth.focal, centres).numpy()
+    return [optimizer.FitImage(i, f'synthetic{i}', np.zeros((size, size, 3), np.float32), 1.0, p)
+            for i, p in enumerate(points)]
+
+
+@pytest.mark.parametrize('rotation', [[0.1, -0.5, 0.05], [-0.3, 0.9, 0.2], [0.2, 0.0, 2.8]])
+def test_recovers_pose_expression_and_focal_from_landmarks(small_bfm, rotation):
+    """Any head pose, upside down included: landmark error < 0.5 px, rotation error < 1°."""
+    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    generator = torch.Generator().manual_seed(3)
+    truth = pipeline.SceneParameters(
+        shape=torch.zeros(1, model.n_shape), expression=0.8 * torch.randn(1, model.n_expression, generator=generator),
+        rotation=torch.tensor([rotation]), translation=torch.tensor([[12.0, -8.0, 650.0]]),
+        focal=torch.tensor([750.0]), albedo=torch.zeros(1, model.n_albedo), sh=torch.zeros(1, 81, 3))
+    images = synthetic_images(model, truth)
+    fitted = optimizer.fit_landmarks(model, images, config.Config(), shared_identity=False)
+    assert optimizer.landmark_error(model, fitted, images)[0] < 0.5
+    assert rotation_error_degrees(fitted.rotation, truth.rotation)[0] < 1.0
+    assert abs(float(fitted.focal[0]) / 750.0 - 1) < 0.15
+    assert abs(float(fitted.translation[0, 2]) / 650.0 - 1) < 0.15
+    assert float((fitted.expression - truth.expression).abs().mean()) < 0.5 * float(truth.expression.abs().mean())
+
+
+def test_fixed_focal_length_is_kept(small_bfm):
+    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    truth = pipeline.SceneParameters(
+        shape=torch.zeros(1, model.n_shape), expression=torch.zeros(1, model.n_expression),
+        rotation=torch.tensor([[0.0, 0.3, 0.0]]), translation=torch.tensor([[0.0, 0.0, 2000.0]]),
+        focal=torch.tensor([2500.0]), albedo=torch.zeros(1, model.n_albedo), sh=torch.zeros(1, 81, 3))
+    images = synthetic_images(model, truth)
+    cfg = config.Config().replace(optimizeFocalLength=False, camFocalLength=2500.0)
+    fitted = optimizer.fit_landmarks(model, images, cfg, shared_identity=False)
+    assert float(fitted.focal[0]) == 2500.0
+    assert abs(float(fitted.translation[0, 2]) - 2000.0) < 20
+    assert optimizer.landmark_error(model, fitted, images)[0] < 0.5
+
+
+def test_shared_identity_fits_one_shape_for_several_images(small_bfm):
+    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    generator = torch.Generator().manual_seed(5)
+    truth = pipeline.SceneParameters(
+        shape=torch.zeros(1, model.n_shape),  # identity is fitted in stage 2
+        expression=0.5 * torch.randn(3, model.n_expression, generator=generator),
+        rotation=torch.tensor([[0.0, 0.4, 0.0], [0.1, -0.4, 0.0], [0.0, 0.0, 0.2]]),
+        translation=torch.tensor([[0.0, 0.0, 700.0]] * 3), focal=torch.tensor([800.0] * 3),
+        albedo=torch.zeros(1, model.n_albedo), sh=torch.zeros(3, 81, 3))
+    images = synthetic_images(model, truth)
+    fitted = optimizer.fit_landmarks(model, images, config.Config(), shared_identity=True)
+    assert fitted.shape.shape == (1, model.n_shape) and fitted.rotation.shape == (3, 3)
+    assert (optimizer.landmark_error(model, fitted, images) < 0.5).all()
+    assert (rotation_error_degrees(fitted.rotation, truth.rotation) < 1.0).all()
