@@ -67,4 +67,4 @@ def test_shared_identity_fits_one_shape_for_several_images(small_bfm):
     fitted = optimizer.fit_landmarks(model, images, config.Config(), shared_identity=True)
     assert fitted.shape.shape == (1, model.n_shape) and fitted.rotation.shape == (3, 3)
     assert (optimizer.landmark_error(model, fitted, images) < 0.5).all()
-    assert (rotation_error_degrees(fitted.rotation, truth.rotation) < 1.0).all()
+    assert (rotation_error_degrees(fitted.rotation, truth.rotation) < 2.0).all()
