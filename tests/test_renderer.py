@@ -1,0 +1,119 @@
+"""The Mitsuba renderer: camera convention, gradients against finite differences, SH basis."""
+import math
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+
+import morphableModel
+import pipeline
+import renderer
+import sphericalharmonics
+import utils
+
+SIZE, RES, ROWS = 64, 64, 16
+
+
+@pytest.fixture(scope='module')
+def setup(small_bfm):
+    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    face = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS)
+    params = pipeline.SceneParameters(
+        shape=torch.zeros(1, model.n_shape), expression=torch.zeros(1, model.n_expression),
+        rotation=torch.tensor([[0.1, 0.3, 0.0]]), translation=torch.tensor([[5.0, 0.0, 600.0]]),
+        focal=torch.tensor([170.0]), albedo=torch.zeros(1, model.n_albedo), sh=torch.zeros(1, 9, 3))
+    sh = torch.zeros(9, 3)
+    sh[0] = 2.0
+    sh[1] = 0.8   # light from the left-ish
+    sh[2] = 1.0   # and from above
+    return model, face, params, sh
+
+
+def render(setup, shape=None, rotation=None, sh=None, diffuse=None, spp=64, seed=3):
+    model, face, params, default_sh = setup
+    p = pipeline.SceneParameters(**{**params.__dict__})
+    if shape is not None:
+        p.shape = shape
+    if rotation is not None:
+        p.rotation = rotation
+    vertices = pipeline.model_vertices(model, p)[0]
+    normals = utils.vertex_normals(vertices[None], model.faces)[0]
+    envmap = sphericalharmonics.EnvironmentMap(3, ROWS, False)((default_sh if sh is None else sh)[None])[0]
+    diffuse = torch.full((RES, RES, 3), 0.5) if diffuse is None else diffuse
+    return face.render(vertices, normals, diffuse, torch.full((RES, RES, 3), 0.05),
+                       torch.full((RES, RES, 1), 0.4), envmap, float(p.focal[0]), spp, seed)
+
+
+def test_render_matches_the_projection_convention(setup):
+    model, _, params, _ = setup
+    image = render(setup, spp=4)
+    alpha = image[..., 3].numpy() > 0.5
+    pixels = pipeline.project(pipeline.model_vertices(model, params), params.focal, torch.tensor([[SIZE / 2, SIZE / 2]]))[0]
+    ys, xs = np.nonzero(alpha)
+    assert abs(xs.min() - float(pixels[:, 0].min())) < 1.5 and abs(xs.max() + 1 - float(pixels[:, 0].max())) < 1.5
+    assert abs(ys.min() - float(pixels[:, 1].min())) < 1.5 and abs(ys.max() + 1 - float(pixels[:, 1].max())) < 1.5
+
+
+def test_renders_are_reproducible_with_a_seed(setup):
+    assert torch.equal(render(setup, spp=4, seed=7), render(setup, spp=4, seed=7))
+    assert not torch.equal(render(setup, spp=4, seed=7), render(setup, spp=4, seed=8))
+
+
+def _interior_weights(setup) -> torch.Tensor:
+    """Fixed random weights on pixels well inside the face (silhouettes are not differentiated by prb)."""
+    alpha = render(setup, spp=4)[..., 3].numpy() > 0.99
+    inside = scipy.ndimage.binary_erosion(alpha, iterations=3)
+    generator = torch.Generator().manual_seed(0)
+    return torch.from_numpy(inside)[..., None] * (0.5 + torch.rand(SIZE, SIZE, 3, generator=generator))
+
+
+def _check_gradient(setup, make_kwargs, value: torch.Tensor, index, step: float):
+    weights = _interior_weights(setup)
+    value = value.clone().requires_grad_(True)
+    loss = (render(setup, **make_kwargs(value))[..., :3] * weights).sum()
+    loss.backward()
+    analytic = float(value.grad[index])
+    with torch.no_grad():
+        plus, minus = value.clone(), value.clone()
+        plus[index] += step
+        minus[index] -= step
+        numeric = float(((render(setup, **make_kwargs(plus)) - render(setup, **make_kwargs(minus)))[..., :3]
+                         * weights).sum() / (2 * step))
+    assert abs(numeric) > 1e-3, 'the check needs a visible effect'
+    assert math.isclose(analytic, numeric, rel_tol=0.15), (analytic, numeric)
+
+
+def test_gradient_of_an_sh_coefficient(setup):
+    _check_gradient(setup, lambda v: dict(sh=v), setup[3], (1, 0), 0.05)
+
+
+def test_gradient_of_a_diffuse_texel(setup):
+    model, _, params, _ = setup
+    diffuse = torch.full((RES, RES, 3), 0.5)
+    # the texel under the centre of the face
+    _check_gradient(setup, lambda v: dict(diffuse=v), diffuse, (RES // 2, RES // 2, 1), 0.1)
+
+
+def test_gradient_of_a_pose_parameter(setup):
+    _check_gradient(setup, lambda v: dict(rotation=v), setup[2].rotation, (0, 1), 0.01)
+
+
+def test_gradient_of_a_shape_coefficient(setup):
+    model = setup[0]
+    _check_gradient(setup, lambda v: dict(shape=v), torch.zeros(1, model.n_shape), (0, 0), 0.3)
+
+
+def test_sh_basis_is_orthonormal():
+    rows = 64
+    directions = sphericalharmonics.envmap_directions(rows)
+    theta = (torch.arange(rows) + 0.5) / rows * math.pi
+    solid_angle = (torch.sin(theta) * (math.pi / rows) * (2 * math.pi / (2 * rows)))[:, None]
+    basis = sphericalharmonics.sh_basis(directions.double(), 9)
+    gram = torch.einsum('hwk,hwl,hw->kl', basis, basis, solid_angle.double().expand(rows, 2 * rows))
+    assert torch.allclose(gram, torch.eye(81, dtype=torch.float64), atol=0.02)
+
+
+def test_constant_light_is_uniform():
+    envmap = sphericalharmonics.EnvironmentMap(9, 16, False)(sphericalharmonics.constant_light(9, [0.2, 0.5, 1.0])[None])[0]
+    assert torch.allclose(envmap, torch.tensor([0.2, 0.5, 1.0]).expand_as(envmap), atol=1e-5)
