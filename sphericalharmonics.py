@@ -1,9 +1,8 @@
 """Real spherical harmonics light: basis, lat-long environment maps, saving.
 
 Directions are in the camera frame (x right, y down, z forward). The SH polar axis is "up"
-(-y), so band-1 coefficients read as light from above/right/front. Environment maps are
-lat-long images [rows, 2·rows, 3]: row 0 looks up, the middle column looks along +z... as
-Mitsuba's ``envmap`` with the ``to_world`` of ``ENVMAP_TO_WORLD`` reads them.
+(-y). Environment maps are lat-long images [rows, 2·rows, 3] with row 0 looking up, laid out
+as Mitsuba's ``envmap`` reads them once turned by ``ENVMAP_TO_WORLD``.
 """
 import math
 
