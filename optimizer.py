@@ -291,7 +291,7 @@ def initial_light(scene: AppearanceScene, params: pipeline.SceneParameters) -> t
     return torch.stack(lights)
 
 
-def _adam_loop(name: str, groups: list, loss_fn, iterations: int, config, debug=None) -> None:
+def _adam_loop(name: str, groups: list, loss_fn, iterations: int, config) -> None:
     """Adam over ``groups`` (torch param groups) for ``iterations`` steps. A non-finite loss puts
     back the last good values and halves the steps; it fails the image after five in a row."""
     from tqdm import tqdm
@@ -321,8 +321,6 @@ def _adam_loop(name: str, groups: list, loss_fn, iterations: int, config, debug=
         if config.verbose:
             print(f'{name} {iteration}: ' + ', '.join(f'{k} {float(v):.5f}' for k, v in parts.items()))
         progress.set_postfix({k: f'{float(v.detach()):.4f}' for k, v in parts.items()})
-        if debug is not None and config.debugFrequency and iteration % config.debugFrequency == 0:
-            debug(iteration)
 
 
 def fit_stage2(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipeline.SceneParameters:
