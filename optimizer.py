@@ -165,12 +165,12 @@ def fit_landmarks(model, images: list, config, shared_identity: bool, progress=N
     problem = LandmarkProblem(model, images, shared_identity, config, config.optimizeFocalLength)
     mean_points = model.mean_shape[model.landmark_vertices.clamp_min(0)].numpy()
     valid = model.landmark_vertices.numpy() >= 0
+    usable = [valid & np.isfinite(im.landmarks).all(1) for im in images]
     best = None
     for focals in focal_candidates(images, config):
         focal = torch.tensor(focals, dtype=torch.float64)
-        poses = [initial_pose(mean_points[valid & np.isfinite(im.landmarks).all(1)],
-                              (im.landmarks - im.centre)[valid & np.isfinite(im.landmarks).all(1)], f)
-                 for im, f in zip(images, focals)]
+        poses = [initial_pose(mean_points[ok], (im.landmarks - im.centre)[ok], f)
+                 for im, ok, f in zip(images, usable, focals)]
         x0 = problem.pack(
             rotation=torch.tensor(np.stack([p[0] for p in poses])),
             translation=torch.tensor(np.stack([p[1] for p in poses])),
@@ -684,14 +684,10 @@ def load_run_config(args):
     if args.iterations:
         overrides.update(iterStep1=args.iterations[0], iterStep2=args.iterations[1], iterStep3=args.iterations[2])
     config = config.replace(**{k.strip(): v for k, v in overrides.items()})
-    if config.device == 'cuda' and not _cuda_available():
+    if config.device == 'cuda' and not torch.cuda.is_available():
         print("warning: device = 'cuda' but no CUDA GPU is usable here; running on the CPU instead")
         config = config.replace(device='cpu')
     return config
-
-
-def _cuda_available() -> bool:
-    return torch.cuda.is_available()
 
 
 def run(args) -> int:
