@@ -213,17 +213,15 @@ class AppearanceScene:
     """What stages 2 and 3 share: a renderer per image, the photos in linear colour, the UV
     interpolation of per-vertex albedo, the SH environment map."""
 
-    def __init__(self, model, images: list, config):
-        import renderer
+    def __init__(self, model, images: list, config, debug_folder: str = ''):
         import sphericalharmonics
         self.model, self.images, self.config = model, images, config
-        self.renderers = [renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, *im.size,
-                                                config.textureResolution, config.envMapRes,
-                                                config.device, config.integrator) for im in images]
-        self.photos = [torch.from_numpy(utils.srgb_to_linear(im.pixels)) for im in images]  # [h, w, 3]
+        self.debug_folder = debug_folder  # where debugFrequency's progress images go
+        self._renderers = {}
+        self.set_photos()
         matrix, self.texel_mask = utils.texel_interpolation(
             model.uvs.numpy(), model.uv_faces.numpy(), model.faces.numpy(), config.textureResolution)
-        self.texels = utils.sparse_to_torch(matrix)
+        self.texels = utils.sparse_linear_map(matrix)  # [verts, c] -> [res·res, c]
         self.envmap = sphericalharmonics.EnvironmentMap(config.bands, config.envMapRes, config.smoothSh)
         self.centres = torch.tensor([im.centre for im in images], dtype=torch.float32)
         self.targets = torch.tensor(np.nan_to_num(np.stack([im.landmarks for im in images]), nan=0.0),
@@ -231,10 +229,26 @@ class AppearanceScene:
         lm_ok = np.stack([np.isfinite(im.landmarks).all(1) for im in images]) & (model.landmark_vertices.numpy() >= 0)
         self.landmark_weights = torch.from_numpy(lm_ok * landmarks_module.LANDMARK_WEIGHTS).float()
 
+    def set_photos(self) -> None:
+        """Take the photos from ``images`` (again), in linear colour [h, w, 3]."""
+        self.photos = [torch.from_numpy(utils.srgb_to_linear(im.pixels)) for im in self.images]
+
+    def renderer(self, image: int):
+        """The renderer of image ``image``, built once. One per image, as prb's backward pass
+        re-reads the scene's parameters: a scene shared by two renders of one loss would
+        differentiate the first with the second's parameters."""
+        import renderer
+        if image not in self._renderers:
+            config = self.config
+            self._renderers[image] = renderer.FaceRenderer(
+                self.model.faces, self.model.uv_faces, self.model.uvs, *self.images[image].size,
+                config.textureResolution, config.envMapRes, config.device, config.integrator)
+        return self._renderers[image]
+
     def vertex_texture(self, values: torch.Tensor) -> torch.Tensor:
         """Per-vertex values [verts, c] -> UV map [res, res, c]."""
         res = self.config.textureResolution
-        return torch.sparse.mm(self.texels, values).reshape(res, res, -1)
+        return self.texels(values).reshape(res, res, -1)
 
     def statistical_maps(self, params: pipeline.SceneParameters, identity: int) -> tuple:
         """The diffuse and specular maps [res, res, 3] of the statistical albedo."""
@@ -252,14 +266,17 @@ class AppearanceScene:
         roughness = torch.full((*diffuse.shape[:2], 1), INITIAL_ROUGHNESS)
         return diffuse, specular, roughness
 
-    def render(self, params: pipeline.SceneParameters, image: int, spp: int, seed: int) -> torch.Tensor:
-        """RGBA render [h, w, 4] of image ``image`` (linear colour)."""
-        vertices = pipeline.model_vertices(self.model, _select(params, image))[0]
+    def render(self, params: pipeline.SceneParameters, image: int, spp: int, seed: int,
+               vertices: torch.Tensor = None) -> torch.Tensor:
+        """RGBA render [h, w, 4] of image ``image`` (linear colour); ``vertices`` [verts, 3]
+        replace the fitted geometry if given."""
+        if vertices is None:
+            vertices = pipeline.model_vertices(self.model, _select(params, image))[0]
         normals = utils.vertex_normals(vertices[None], self.model.faces)[0]
         diffuse, specular, roughness = self.maps(params, params.identity_index(image))
         envmap = self.envmap(params.sh[image:image + 1])[0]
-        return self.renderers[image].render(vertices, normals, diffuse, specular, roughness, envmap,
-                                            float(params.focal[image]), spp, seed)
+        return self.renderer(image).render(vertices, normals, diffuse, specular, roughness, envmap,
+                                           float(params.focal[image]), spp, seed)
 
     def photometric_loss(self, rendered: torch.Tensor, image: int) -> torch.Tensor:
         """Mean L1 distance over the pixels the face covers (linear colour)."""
@@ -291,16 +308,27 @@ def initial_light(scene: AppearanceScene, params: pipeline.SceneParameters) -> t
     return torch.stack(lights)
 
 
-def _adam_loop(name: str, groups: list, loss_fn, iterations: int, config) -> None:
+def learning_rate_factor(iteration: int, iterations: int) -> float:
+    """Full steps for the first half, then a linear decay to 1/10: the late small steps average
+    out the Monte Carlo noise of the gradients instead of jittering around the optimum."""
+    progress = iteration / max(iterations - 1, 1)
+    return 1.0 if progress < 0.5 else 1.0 - 1.8 * (progress - 0.5)
+
+
+def _adam_loop(name: str, groups: list, loss_fn, iterations: int, config, on_progress=None) -> None:
     """Adam over ``groups`` (torch param groups) for ``iterations`` steps. A non-finite loss puts
-    back the last good values and halves the steps; it fails the image after five in a row."""
+    back the last good values and halves the steps; it fails the image after five in a row.
+    ``on_progress(iteration)`` runs every ``debugFrequency`` steps and after the last."""
     from tqdm import tqdm
     optimizer = torch.optim.Adam(groups)
+    base_rates = [group['lr'] for group in optimizer.param_groups]
     tensors = [t for group in groups for t in group['params']]
     good = [t.detach().clone() for t in tensors]
-    bad_in_a_row = 0
+    bad_in_a_row, nan_scale = 0, 1.0
     progress = tqdm(range(iterations), desc=name, unit='it', leave=False, disable=not sys.stderr.isatty())
     for iteration in progress:
+        for group, rate in zip(optimizer.param_groups, base_rates):
+            group['lr'] = rate * nan_scale * learning_rate_factor(iteration, iterations)
         optimizer.zero_grad()
         loss, parts = loss_fn(iteration)
         if not torch.isfinite(loss):
@@ -310,17 +338,25 @@ def _adam_loop(name: str, groups: list, loss_fn, iterations: int, config) -> Non
             with torch.no_grad():
                 for tensor, value in zip(tensors, good):
                     tensor.copy_(value)
-            for group in optimizer.param_groups:
-                group['lr'] /= 2
+            nan_scale /= 2
             continue
         bad_in_a_row = 0
         loss.backward()
         optimizer.step()
         if iteration % 10 == 0:
             good = [t.detach().clone() for t in tensors]
+        if on_progress is not None and config.debugFrequency > 0 and (
+                iteration % config.debugFrequency == 0 or iteration == iterations - 1):
+            on_progress(iteration)
+        values = {k: float(v.detach()) for k, v in parts.items()}
         if config.verbose:
-            print(f'{name} {iteration}: ' + ', '.join(f'{k} {float(v):.5f}' for k, v in parts.items()))
-        progress.set_postfix({k: f'{float(v.detach()):.4f}' for k, v in parts.items()})
+            print(f'{name} {iteration}: ' + ', '.join(f'{k} {v:.5f}' for k, v in values.items()))
+        progress.set_postfix({k: f'{v:.4f}' for k, v in values.items()})
+
+
+# Adam step sizes of stage 2: coefficients in σ, rotation in radians, translation in mm, light
+# relative to its DC level.
+STAGE2_RATES = dict(geometry=0.02, albedo=0.02, rotation=0.002, translation=0.5, light=0.005)
 
 
 def fit_stage2(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipeline.SceneParameters:
@@ -332,11 +368,13 @@ def fit_stage2(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipe
     trainable = [params.shape, params.expression, params.rotation, params.translation, params.albedo, params.sh]
     for tensor in trainable:
         tensor.requires_grad_(True)
-    groups = [dict(params=[params.shape, params.expression], lr=0.02),
-              dict(params=[params.albedo], lr=0.02),
-              dict(params=[params.rotation], lr=0.002),
-              dict(params=[params.translation], lr=0.5),
-              dict(params=[params.sh], lr=0.01)]
+    rates = STAGE2_RATES
+    light_level = float(params.sh.detach()[:, 0].abs().max().clamp_min(1e-3))  # SH steps relative to the light
+    groups = [dict(params=[params.shape, params.expression], lr=rates['geometry']),
+              dict(params=[params.albedo], lr=rates['albedo']),
+              dict(params=[params.rotation], lr=rates['rotation']),
+              dict(params=[params.translation], lr=rates['translation']),
+              dict(params=[params.sh], lr=rates['light'] * light_level)]
 
     def loss_fn(iteration):
         photo = sum(scene.photometric_loss(scene.render(params, i, config.rtTrainingSamples, iteration), i)
@@ -348,7 +386,7 @@ def fit_stage2(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipe
         loss = photo + config.weightLandmarksLossStep2 * landmark + prior
         return loss, dict(photo=photo, landmarks=landmark)
 
-    _adam_loop('stage 2', groups, loss_fn, config.iterStep2, config)
+    _adam_loop('stage 2', groups, loss_fn, config.iterStep2, config, lambda k: save_progress(scene, params, 2, k))
     params = params.detached()
     params.stage = 2
     return params
@@ -391,7 +429,7 @@ def fit_stage3(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipe
         loss = photo + regularizer + config.weightLandmarksLossStep3 * landmark
         return loss, dict(photo=photo, regularizer=regularizer)
 
-    _adam_loop('stage 3', groups, loss_fn, config.iterStep3, config)
+    _adam_loop('stage 3', groups, loss_fn, config.iterStep3, config, lambda k: save_progress(scene, params, 3, k))
     params = params.detached()
     with torch.no_grad():
         params.diffuse_map.clamp_(0, 1)
@@ -401,10 +439,23 @@ def fit_stage3(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipe
     return params
 
 
+def save_progress(scene: AppearanceScene, params: pipeline.SceneParameters, stage: int, iteration: int) -> None:
+    """debugFrequency: photo | render over the photo | render, of every image, to
+    ``debug/stage{k}_image{i}_{iteration}.png`` (16 spp)."""
+    if not scene.debug_folder:
+        return
+    with torch.no_grad():
+        for row, image in enumerate(scene.images):
+            rendered = scene.render(params, row, 16, iteration).numpy()
+            panels = [image.pixels, _composite(rendered, image.pixels), _composite(rendered, np.zeros_like(image.pixels))]
+            utils.save_image(os.path.join(scene.debug_folder, f'stage{stage}_image{image.index}_{iteration:04d}.png'),
+                             np.concatenate(panels, axis=1))
+
+
 def fit_appearance(model, params: pipeline.SceneParameters, images: list, config, output: str,
                    name: str) -> pipeline.SceneParameters:
     """Stages 2 and 3 from wherever ``params`` stands, with a checkpoint after each."""
-    scene = AppearanceScene(model, images, config)
+    scene = AppearanceScene(model, images, config, os.path.join(output, 'debug') if config.debugFrequency else '')
     if params.stage < 2 and config.iterStep2 > 0:
         params = fit_stage2(scene, params)
         params.save(checkpoint_path(output, name, 2))
@@ -418,7 +469,7 @@ def fit_appearance(model, params: pipeline.SceneParameters, images: list, config
     return params
 
 
-def photometric_error(scene: AppearanceScene, params: pipeline.SceneParameters, spp: int = 32) -> float:
+def photometric_error(scene: AppearanceScene, params: pipeline.SceneParameters, spp: int = 64) -> float:
     """Mean L1 error (linear colour) over the face pixels, averaged over the images."""
     with torch.no_grad():
         return float(np.mean([float(scene.photometric_loss(scene.render(params, i, spp, 999), i))
@@ -445,7 +496,7 @@ def save_outputs(folder: str, model, params: pipeline.SceneParameters, images: l
                             f'specularMap_{i}.png', f'roughnessMap_{i}.png')
             rendered = scene.render(params, row, config.rtSamples, 12345).numpy()
             vertices = pipeline.model_vertices(model, _select(params, row))[0]
-            uv = scene.renderers[row].uv_image(vertices, float(params.focal[row]))
+            uv = scene.renderer(row).uv_image(vertices, float(params.focal[row]))
             black = np.zeros_like(image.pixels)
             panels = [image.pixels, _composite(rendered, image.pixels), _composite(rendered, black)]
             for value in maps.values():
@@ -596,6 +647,69 @@ def save_geometry(folder: str, model, params: pipeline.SceneParameters, images: 
         utils.save_image(os.path.join(folder, f'landmarks{i}.png'), overlay_image(model, params, image, row))
 
 
+# ------------------------------------------------------------------------------------ replay
+
+TURNTABLE_FRAMES, TURNTABLE_DEGREES, TURNTABLE_SPP = 36, 35.0, 32
+
+
+def fitted_runs(output: str) -> list:
+    """The fits in ``output``: (checkpoint name, parameters of its latest stage, output image
+    indices in row order). A shared-identity batch holds the images with a ``params{i}.json``."""
+    import glob
+    import re
+    indices = sorted(int(m.group(1)) for m in (re.fullmatch(r'params(\d+)\.json', os.path.basename(p))
+                                                for p in glob.glob(os.path.join(output, 'params*.json'))) if m)
+    runs = []
+    names = sorted({re.sub(r'_stage\d\.pt$', '', os.path.basename(p))
+                    for p in glob.glob(os.path.join(output, 'checkpoints', '*_stage?.pt'))})
+    for name in names:
+        params = latest_checkpoint(output, name, 3)
+        rows = indices if name == 'batch' else [int(name[len('image'):])]
+        if params is not None and len(rows) == params.expression.shape[0]:
+            runs.append((name, params, rows))
+    return runs
+
+
+def turntable_frames(scene: AppearanceScene, params: pipeline.SceneParameters, row: int) -> list:
+    """The fitted head turning ±TURNTABLE_DEGREES about its vertical axis in the fitted light
+    -> sRGB frames [h, w, 3] over black."""
+    with torch.no_grad():
+        vertices = pipeline.model_vertices(scene.model, _select(params, row))[0]
+        centre = vertices.mean(0)
+        frames = []
+        for k in range(TURNTABLE_FRAMES):
+            angle = math.radians(TURNTABLE_DEGREES) * math.sin(2 * math.pi * k / TURNTABLE_FRAMES)
+            turn = pipeline.rotation_matrix(torch.tensor([[0.0, angle, 0.0]]))[0]
+            rendered = scene.render(params, row, TURNTABLE_SPP, k, vertices=(vertices - centre) @ turn.T + centre)
+            frames.append(_composite(rendered.numpy(), np.zeros(rendered.shape[:2] + (3,), np.float32)))
+    return frames
+
+
+def replay(output: str, config) -> int:
+    """``--replay``: a turntable ``turntable_{i}.gif`` of every face fitted in ``output``."""
+    import json
+    runs = fitted_runs(output)
+    if not runs:
+        raise FitError(f"'{output}' holds no fit to replay (no checkpoints/*_stage*.pt with params*.json): "
+                       f"run a fit with --output {output} first")
+    model = morphableModel.load_model(config)
+    for name, params, rows in runs:
+        images = []
+        for index in rows:
+            with open(os.path.join(output, f'params{index}.json'), encoding='utf-8') as file:
+                record = json.load(file)
+            images.append(FitImage(index, record['source'], np.zeros((record['height'], record['width'], 3), np.float32),
+                                   record['scale'], np.full((68, 2), np.nan)))
+        scene = AppearanceScene(model, images, config.replace(bands=int(round(math.sqrt(params.sh.shape[1])))))
+        if params.sh.abs().sum() == 0:  # a stage-1 fit has no light yet
+            params.sh = initial_light(scene, params)
+        for row, image in enumerate(images):
+            path = os.path.join(output, f'turntable_{image.index}.gif')
+            utils.save_gif(path, turntable_frames(scene, params, row))
+            print(f'{name}: wrote {path} (stage {params.stage})')
+    return 0
+
+
 # ------------------------------------------------------------------------------- the command
 
 def last_stage(config) -> int:
@@ -655,7 +769,7 @@ def check_output_folder(output: str, overwrite: bool, resume: bool) -> None:
 
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--input', required=True, help='an image, or a folder of images (a batch)')
+    parser.add_argument('--input', help='an image, or a folder of images (a batch)')
     parser.add_argument('--output', required=True, help='folder for the results')
     parser.add_argument('--sharedIdentity', action='store_true',
                         help='the images show one person: share identity shape and reflectance')
@@ -670,7 +784,12 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config key')
     parser.add_argument('--overwrite', action='store_true', help='replace results already in --output')
     parser.add_argument('--resume', action='store_true', help='continue a run in --output from its checkpoints')
-    return parser.parse_args(argv)
+    parser.add_argument('--replay', action='store_true',
+                        help='render a turntable (turntable_{i}.gif) of each face fitted in --output, from its checkpoints')
+    args = parser.parse_args(argv)
+    if not args.input and not args.replay:
+        parser.error('--input is required (except with --replay)')
+    return args
 
 
 def load_run_config(args):
@@ -694,6 +813,8 @@ def run(args) -> int:
     """The whole command; -> exit status (0 only if every image was fitted)."""
     config = load_run_config(args)
     torch.manual_seed(config.seed)
+    if args.replay:
+        return replay(args.output, config)
     paths, skipped = list_inputs(args.input)
     for path in skipped:
         print(f'note: skipping {path}: not an image ({", ".join(IMAGE_EXTENSIONS)})')

@@ -7,6 +7,7 @@ the fitted focal length. The scene is built once per image size; each render onl
 parameters. ``drjit.wrap`` carries gradients back to PyTorch for vertices, maps and the light.
 """
 import glob
+import math
 import os
 import sys
 
@@ -14,6 +15,11 @@ import numpy as np
 import torch
 
 import sphericalharmonics
+
+
+# Samples per pixel of one pass of a render without gradients: drjit keeps per-sample state of a
+# pass in memory (~40 MB per million samples), so a 500 spp render of 256² px goes in 8 passes.
+MAX_SPP_PER_PASS = 64
 
 
 class RendererError(RuntimeError):
@@ -75,7 +81,7 @@ class FaceRenderer:
     def __init__(self, faces: torch.Tensor, uv_faces: torch.Tensor, uvs: torch.Tensor, width: int, height: int,
                  texture_resolution: int, envmap_rows: int, device: str = 'cpu', integrator: str = 'prb'):
         mi = self.mi = mitsuba(device)
-        self.device = device
+        self.torch_device = 'cuda' if device == 'cuda' else 'cpu'
         geometry_index, uv_index, triangles = render_vertex_layout(faces.cpu().numpy(), uv_faces.cpu().numpy())
         self.geometry_index = torch.from_numpy(geometry_index).to(faces.device)
         self.width, self.height = width, height
@@ -117,6 +123,7 @@ class FaceRenderer:
             roughness='face.bsdf.bsdf_1.alpha.data', envmap='light.data', fov='sensor.x_fov')
         self.params.keep(list(self.keys.values()))
         self.envmap_width = self.params[self.keys['envmap']].shape[1]
+        self._fov, self._last_vertices = None, None
         self._render = self._make_wrapped_render()
         self._uv_integrator = mi.load_dict({'type': 'aov', 'aovs': 'uv:uv'})
 
@@ -125,9 +132,10 @@ class FaceRenderer:
         params, keys = self.params, self.keys
 
         @dr.wrap(source='torch', target='drjit')
-        def render(positions, normals, diffuse, specular, roughness, envmap, spp, seed):
-            params[keys['positions']] = dr.ravel(positions)
-            params[keys['normals']] = dr.ravel(normals)
+        def render(positions, normals, diffuse, specular, roughness, envmap, spp, seed, new_geometry):
+            if new_geometry:  # setting positions rebuilds the ray-tracing BVH: only when they change
+                params[keys['positions']] = dr.ravel(positions)
+                params[keys['normals']] = dr.ravel(normals)
             params[keys['diffuse']] = diffuse
             params[keys['specular']] = specular
             params[keys['roughness']] = roughness
@@ -137,29 +145,52 @@ class FaceRenderer:
         return render
 
     def set_focal(self, focal: float) -> None:
-        """Horizontal field of view from the focal length (px); not differentiated (stage 1 fits it)."""
-        self.params[self.keys['fov']] = float(np.degrees(2 * np.arctan(self.width / 2 / focal)))
-        self.params.update()
+        """Horizontal field of view from the focal length (px of the film); not differentiated
+        (stage 1 fits it)."""
+        fov = float(np.degrees(2 * np.arctan(self.width / 2 / focal)))
+        if fov != self._fov:
+            self.params[self.keys['fov']] = fov
+            self.params.update()
+            self._fov = fov
+
+    def _geometry_changed(self, vertices: torch.Tensor) -> bool:
+        """Whether ``vertices`` differ from the last render's (always, when they carry gradients)."""
+        same = (not vertices.requires_grad and self._last_vertices is not None
+                and self._last_vertices.shape == vertices.shape and torch.equal(self._last_vertices, vertices))
+        self._last_vertices = None if vertices.requires_grad else vertices.detach().clone()
+        return not same
 
     def render(self, vertices: torch.Tensor, normals: torch.Tensor, diffuse_map: torch.Tensor,
                specular_map: torch.Tensor, roughness_map: torch.Tensor, envmap: torch.Tensor,
                focal: float, spp: int, seed: int = 0) -> torch.Tensor:
         """vertices, normals [verts, 3] (camera frame, per geometry vertex); maps [res, res, 3|3|1]
-        (v up, like the OBJ UVs); envmap [rows, 2·rows, 3] -> RGBA image [height, width, 4]."""
+        (v up, like the OBJ UVs); envmap [rows, 2·rows, 3]; focal in pixels of this film -> RGBA
+        image [height, width, 4]."""
         self.set_focal(focal)
         to_render = lambda t: t[self.geometry_index].contiguous().float()
         texture = lambda t: t.contiguous().float()  # row 0 is v = 1 for both, see __init__
         wrap = self.envmap_width - envmap.shape[1]
         envmap = torch.cat([envmap, envmap[:, :wrap]], dim=1) if wrap > 0 else envmap
-        image = self._render(to_render(vertices), to_render(normals), 2 * texture(diffuse_map),
-                             2 * texture(specular_map), texture(roughness_map.clamp(0.01, 1.0)),
-                             envmap.clamp_min(0).contiguous().float(), spp, seed)
-        return image
+        inputs = (to_render(vertices), to_render(normals), 2 * texture(diffuse_map), 2 * texture(specular_map),
+                  texture(roughness_map.clamp(0.01, 1.0)), envmap.clamp_min(0).contiguous().float())
+        # The fit's tensors live on the CPU; with cuda_ad_rgb only the ray tracing runs on the GPU,
+        # and the copies there and back are differentiable.
+        inputs = tuple(t.to(self.torch_device) for t in inputs)
+        new_geometry = self._geometry_changed(vertices)
+        differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        passes = 1 if differentiated else math.ceil(spp / MAX_SPP_PER_PASS)
+        if passes == 1:
+            return self._render(*inputs, spp, seed, new_geometry).to(vertices.device)
+        # Drjit holds per-sample state for a whole pass: many samples go in passes of bounded memory.
+        counts = [spp // passes + (k < spp % passes) for k in range(passes)]
+        return sum(count * self._render(*inputs, count, seed * passes + k, k == 0 and new_geometry).to(vertices.device)
+                   for k, count in enumerate(counts)) / spp
 
     def uv_image(self, vertices: torch.Tensor, focal: float) -> torch.Tensor:
         """The texture coordinate seen by each pixel [height, width, 2] (OBJ convention, v up),
         for showing the maps in image space. Not differentiable."""
         self.set_focal(focal)
+        self._last_vertices = None
         self.params[self.keys['positions']] = self.mi.Float(
             vertices[self.geometry_index].detach().float().cpu().numpy().reshape(-1))
         self.params.update()

@@ -2,6 +2,7 @@
 import contextlib
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import scipy.sparse
@@ -126,6 +127,7 @@ def atomic_path(path: str):
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds,
     so an interrupted or failed write (a full disk) never leaves a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=os.path.splitext(path)[1])
     os.close(handle)
     try:
@@ -214,6 +216,14 @@ def save_image(path: str, image: np.ndarray) -> None:
         Image.fromarray(pixels).save(temporary, format='PNG')
 
 
+def save_gif(path: str, frames: list, milliseconds: int = 80) -> None:
+    """sRGB float frames [h, w, 3] in [0, 1] -> a looping animated GIF, atomically."""
+    from PIL import Image
+    images = [Image.fromarray((np.clip(np.nan_to_num(f), 0, 1) * 255 + 0.5).astype(np.uint8)) for f in frames]
+    with atomic_path(path) as temporary:
+        images[0].save(temporary, format='GIF', save_all=True, append_images=images[1:], duration=milliseconds, loop=0)
+
+
 def srgb_to_linear(image):
     """The sRGB transfer curve, inverted (works on numpy arrays and torch tensors)."""
     lib = torch if isinstance(image, torch.Tensor) else np
@@ -228,6 +238,29 @@ def linear_to_srgb(image):
 
 # ------------------------------------------------------------------------------- UV sampling
 
+def uv_triangle_of_texels(uvs: np.ndarray, uv_faces: np.ndarray, resolution: int) -> np.ndarray:
+    """The UV triangle that holds each texel centre [res, res] (-1 for none), by rasterising
+    every triangle over the texels of its bounding box (row 0 at v = 1)."""
+    corners = np.stack([uvs[uv_faces][..., 0] * resolution - 0.5,
+                        (1 - uvs[uv_faces][..., 1]) * resolution - 0.5], axis=-1)  # [tris, 3, (col, row)]
+    low = np.clip(np.ceil(corners.min(1)), 0, resolution).astype(np.int64)
+    high = np.clip(np.floor(corners.max(1)), -1, resolution - 1).astype(np.int64)
+    extent = np.maximum(high - low + 1, 0)  # [tris, 2] texels in the bounding box
+    count = extent[:, 0] * extent[:, 1]
+    tri = np.repeat(np.arange(len(uv_faces)), count)
+    k = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    col = low[tri, 0] + k % extent[tri, 0]
+    row = low[tri, 1] + k // extent[tri, 0]
+    a, b, c = corners[tri, 0], corners[tri, 1], corners[tri, 2]  # [candidates, 2]
+    edge = lambda p, q: (q[:, 0] - p[:, 0]) * (row - p[:, 1]) - (q[:, 1] - p[:, 1]) * (col - p[:, 0])
+    e0, e1, e2 = edge(a, b), edge(b, c), edge(c, a)
+    eps = 1e-9
+    inside = ((e0 >= -eps) & (e1 >= -eps) & (e2 >= -eps)) | ((e0 <= eps) & (e1 <= eps) & (e2 <= eps))
+    result = np.full((resolution, resolution), -1, np.int64)
+    result[row[inside], col[inside]] = tri[inside]
+    return result
+
+
 def texel_interpolation(uvs: np.ndarray, uv_faces: np.ndarray, faces: np.ndarray, resolution: int):
     """The linear map from per-vertex values to a UV texture: sparse [res·res, verts].
 
@@ -235,13 +268,11 @@ def texel_interpolation(uvs: np.ndarray, uv_faces: np.ndarray, faces: np.ndarray
     the map images are saved). Its value interpolates the three vertices of the UV triangle that
     holds it, barycentrically; texels outside every triangle copy the nearest inside texel, so
     bilinear lookups near the UV boundary and seams do not bleed in black."""
-    import matplotlib.tri
     import scipy.ndimage
     n_vertices = int(faces.max()) + 1
     centres = (np.arange(resolution) + 0.5) / resolution
     u, v = np.meshgrid(centres, 1 - centres)
-    triangulation = matplotlib.tri.Triangulation(uvs[:, 0], uvs[:, 1], uv_faces)
-    triangle = triangulation.get_trifinder()(u.ravel(), v.ravel())  # [res·res], -1 outside
+    triangle = uv_triangle_of_texels(uvs, uv_faces, resolution).ravel()  # [res·res], -1 outside
     inside = triangle >= 0
     if not inside.any():
         raise ValueError('the UV map covers no texel')
@@ -263,8 +294,29 @@ def texel_interpolation(uvs: np.ndarray, uv_faces: np.ndarray, faces: np.ndarray
     return matrix, mask
 
 
-def sparse_to_torch(matrix) -> torch.Tensor:
-    coo = matrix.tocoo()
-    indices = torch.from_numpy(np.stack([coo.row, coo.col]).astype(np.int64))
-    values = torch.from_numpy(coo.data.astype(np.float32))
-    return torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=True).coalesce()
+class _SparseProduct(torch.autograd.Function):
+    """matrix @ x with the transpose kept in CSR too: torch's own backward of a sparse product
+    transposes and converts on every call, ~30x slower than this on the CPU."""
+
+    @staticmethod
+    def forward(ctx, matrix, transposed, x):
+        ctx.transposed = transposed
+        return matrix @ x
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return None, None, ctx.transposed @ gradient
+
+
+def sparse_linear_map(matrix):
+    """A scipy sparse matrix [m, n] -> a differentiable function x [n, c] -> [m, c]."""
+    def to_csr(m):
+        m = m.tocsr()
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', 'Sparse CSR tensor support is in beta')
+            return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                           torch.from_numpy(m.indices.astype(np.int64)),
+                                           torch.from_numpy(m.data.astype(np.float32)), m.shape,
+                                           check_invariants=False)
+    forward, transposed = to_csr(matrix), to_csr(matrix.T)
+    return lambda x: _SparseProduct.apply(forward, transposed, x)

@@ -17,6 +17,12 @@ def model_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def render_device():
+    """'cpu' (llvm_ad_rgb), or 'cuda' (cuda_ad_rgb) with FACE_TEST_DEVICE=cuda on a GPU machine."""
+    return os.environ.get('FACE_TEST_DEVICE', 'cpu')
+
+
+@pytest.fixture(scope='session')
 def small_bfm(tmp_path_factory):
     """A small model in the exact BFM 2017 / AlbedoMM schema (801 vertices)."""
     import synthetic

@@ -16,9 +16,9 @@ SIZE, RES, ROWS = 64, 64, 16
 
 
 @pytest.fixture(scope='module')
-def setup(small_bfm):
+def setup(small_bfm, render_device):
     model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
-    face = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS)
+    face = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device)
     params = pipeline.SceneParameters(
         shape=torch.zeros(1, model.n_shape), expression=torch.zeros(1, model.n_expression),
         rotation=torch.tensor([[0.1, 0.3, 0.0]]), translation=torch.tensor([[5.0, 0.0, 600.0]]),

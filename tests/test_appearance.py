@@ -1,0 +1,76 @@
+"""Stages 2 and 3 on a synthetic photo of known light, albedo and pose."""
+import numpy as np
+import pytest
+import torch
+
+import config
+import morphableModel
+import optimizer
+import pipeline
+
+SIZE = 96
+
+
+def normalised_light(sh: torch.Tensor) -> torch.Tensor:
+    """Band-1 SH coefficients over the DC term, averaged over colour [3]: the light's direction
+    and contrast, free of the light/albedo scale ambiguity."""
+    return (sh[1:4] / sh[:1]).mean(-1)
+
+
+@pytest.fixture(scope='module')
+def fitted(small_bfm, render_device):
+    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    cfg = config.Config().replace(bands=3, envMapRes=16, textureResolution=256, rtTrainingSamples=8,
+                                  iterStep2=120, iterStep3=30, maxResolution=SIZE,
+                                  weightLandmarksLossStep2=0.01, device=render_device)
+    truth = pipeline.SceneParameters(
+        shape=torch.zeros(1, model.n_shape), expression=torch.zeros(1, model.n_expression),
+        rotation=torch.tensor([[0.05, 0.25, 0.0]]), translation=torch.tensor([[0.0, 0.0, 700.0]]),
+        focal=torch.tensor([3.0 * SIZE]), albedo=0.5 * torch.ones(1, model.n_albedo), sh=torch.zeros(1, 9, 3))
+    # light from the front (-z: Y_1-1 < 0), above (Y_10 > 0) and the right (Y_11 > 0), white
+    truth.sh[0, :4] = torch.tensor([2.2, -0.8, 0.7, 0.6])[:, None]
+    vertices = pipeline.model_vertices(model, truth)
+    landmarks = pipeline.project(vertices[:, model.landmark_vertices], truth.focal,
+                                 torch.tensor([[SIZE / 2, SIZE / 2]]))[0].numpy()
+    image = optimizer.FitImage(0, 'synthetic', np.zeros((SIZE, SIZE, 3), np.float32), 1.0, landmarks)
+    scene = optimizer.AppearanceScene(model, [image], cfg)
+    with torch.no_grad():
+        rendered = scene.render(truth, 0, 256, 1).numpy()
+    image.pixels = np.clip(optimizer._composite(rendered, np.full((SIZE, SIZE, 3), 0.3)), 0, 1).astype(np.float32)
+    scene.set_photos()
+    stage1 = optimizer.fit_landmarks(model, [image], cfg, shared_identity=False)
+    stage2 = optimizer.fit_stage2(scene, stage1)
+    stage3 = optimizer.fit_stage3(scene, stage2)
+    return dict(scene=scene, truth=truth, stage1=stage1, stage2=stage2, stage3=stage3)
+
+
+def test_stage2_recovers_the_light_direction(fitted):
+    """Band-1 light over DC (truth ~0.3, start 0): the up and right components within 0.1; the
+    front one, which a face seen from the front can hardly tell from uniform light, by its sign."""
+    fit, truth = normalised_light(fitted['stage2'].sh[0]), normalised_light(fitted['truth'].sh[0])
+    assert float((fit[1:] - truth[1:]).abs().max()) < 0.1, (fit, truth)
+    assert float(fit[0]) < 0, (fit, truth)
+
+
+def test_photometric_error_approaches_that_of_the_truth(fitted):
+    """The fit's L1 error is within 1.5x (+0.01) of the true parameters' (Monte Carlo noise) and
+    well below the error of the stage-1 start under a uniform light."""
+    scene = fitted['scene']
+    truth = optimizer.photometric_error(scene, fitted['truth'])
+    start = fitted['stage1'].detached()
+    start.sh = optimizer.initial_light(scene, start)
+    initial = optimizer.photometric_error(scene, start)
+    for stage in ('stage2', 'stage3'):
+        error = optimizer.photometric_error(scene, fitted[stage])
+        assert error < 1.5 * truth + 0.01, (stage, error, truth)
+        assert error < 0.6 * initial, (stage, error, initial)
+
+
+def test_stage3_maps_are_valid_and_stay_near_the_statistical_albedo(fitted):
+    p = fitted['stage3']
+    assert p.diffuse_map.shape == (1, 256, 256, 3) and p.roughness_map.shape == (1, 256, 256, 1)
+    assert float(p.diffuse_map.min()) >= 0 and float(p.diffuse_map.max()) <= 1
+    assert float(p.roughness_map.min()) >= 0.01
+    statistical, _ = fitted['scene'].statistical_maps(fitted['stage2'], 0)
+    mask = torch.from_numpy(fitted['scene'].texel_mask)
+    assert float((p.diffuse_map[0][mask] - statistical[mask]).abs().mean()) < 0.05
