@@ -558,7 +558,7 @@ def face_crop(points: np.ndarray, width: int, height: int) -> tuple:
 def prepare_image(index: int, path: str, config, detector, landmarks_path: str) -> FitImage:
     """Read, scale and find the landmarks of one photo; raise FitError with a clear message."""
     try:
-        pixels = utils.load_image(path)
+        pixels, reduction = utils.load_image(path)  # input pixel = loaded pixel · reduction
     except utils.InputImageError as error:
         raise FitError(str(error)) from None
     if min(pixels.shape[:2]) < utils.MIN_IMAGE_SIZE:
@@ -566,7 +566,8 @@ def prepare_image(index: int, path: str, config, detector, landmarks_path: str) 
                        f'(at least {utils.MIN_IMAGE_SIZE} px per side): use a larger photo')
     if landmarks_path:
         try:
-            points = landmarks_module.read_landmark_file(landmarks_module.landmark_file_for(landmarks_path, path))
+            points = landmarks_module.read_landmark_file(
+                landmarks_module.landmark_file_for(landmarks_path, path)) / reduction
         except landmarks_module.LandmarkError as error:
             raise FitError(str(error)) from None
         note = 'landmarks from file'
@@ -586,8 +587,10 @@ def prepare_image(index: int, path: str, config, detector, landmarks_path: str) 
     if not inside.all():
         note += f'; {68 - inside.sum()} landmarks outside the image are ignored'
         landmarks = np.where(inside[:, None], landmarks, np.nan)
-    print(f'[{index}] {path}: {fitted.shape[1]}x{fitted.shape[0]} px (scale {scale:.3f}), {note}')
-    return FitImage(index, path, fitted, scale, landmarks, (x0, y0))
+    if reduction > 1:
+        note += f'; reduced {reduction}x on loading (longer side over {utils.MAX_INPUT_SIDE} px)'
+    print(f'[{index}] {path}: {fitted.shape[1]}x{fitted.shape[0]} px (scale {scale / reduction:.3f}), {note}')
+    return FitImage(index, path, fitted, scale / reduction, landmarks, (x0 * reduction, y0 * reduction))
 
 
 # ------------------------------------------------------------------------------------ outputs

@@ -168,14 +168,19 @@ def write_mtl(path: str, diffuse_map: str, specular_map: str, roughness_map: str
 # ------------------------------------------------------------------------------------- images
 
 MIN_IMAGE_SIZE = 64
+# Longer side of an input image as loaded: larger photos are reduced (the fit uses maxResolution).
+MAX_INPUT_SIDE = 2048
 # PIL refuses images above this many pixels as a "decompression bomb"; faces need far fewer.
 MAX_IMAGE_PIXELS = 400_000_000
 
 
-def load_image(path: str) -> np.ndarray:
-    """An image file -> sRGB float array [h, w, 3] in [0, 1], upright (EXIF orientation applied).
+def load_image(path: str, max_side: int = MAX_INPUT_SIDE) -> tuple:
+    """An image file -> (sRGB float array [h, w, 3] in [0, 1], upright (EXIF orientation
+    applied), reduction): input pixel = loaded pixel · reduction.
 
-    Grayscale is repeated to RGB, alpha is composited over black, 16-bit is scaled to [0, 1]."""
+    Grayscale is repeated to RGB, alpha is composited over black, 16-bit is scaled to [0, 1].
+    Images with a side over ``max_side`` are reduced by an integer factor while still 8/16-bit,
+    so that an 8000 px photo never exists as floats (576 MB) in memory."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
@@ -186,14 +191,17 @@ def load_image(path: str) -> np.ndarray:
         raise InputImageError(f"{path}: not an image file (or an unsupported format): give a JPEG or PNG") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise InputImageError(f'{path}: cannot be read, the file may be truncated or corrupt ({error})') from None
+    reduction = -(-max(image.size) // max_side)  # ceil
+    if reduction > 1:
+        image = image.reduce(reduction)
     if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
         pixels = np.asarray(image, np.float64)
         pixels = pixels / (65535.0 if pixels.max() > 255 else 255.0)
-        return np.repeat(pixels[..., None], 3, axis=2).astype(np.float32)
+        return np.repeat(pixels[..., None], 3, axis=2).astype(np.float32), reduction
     if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
         rgba = np.asarray(image.convert('RGBA'), np.float32) / 255.0
-        return rgba[..., :3] * rgba[..., 3:]
-    return np.asarray(image.convert('RGB'), np.float32) / 255.0
+        return rgba[..., :3] * rgba[..., 3:], reduction
+    return np.asarray(image.convert('RGB'), np.float32) / 255.0, reduction
 
 
 def resize_image(image: np.ndarray, max_resolution: int) -> tuple:
@@ -314,6 +322,7 @@ def sparse_linear_map(matrix):
         m = m.tocsr()
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', 'Sparse CSR tensor support is in beta')
+            warnings.filterwarnings('ignore', 'Sparse invariant checks are implicitly disabled')
             return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
                                            torch.from_numpy(m.indices.astype(np.int64)),
                                            torch.from_numpy(m.data.astype(np.float32)), m.shape,

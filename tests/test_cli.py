@@ -30,11 +30,15 @@ def astronaut(tmp_path_factory):
 
 
 def test_end_to_end_on_a_real_photo_writes_every_output(ict_folder, astronaut, tmp_path, capsys):
-    status, out = run(['--input', astronaut, '--output', str(tmp_path)] + ict_args(ict_folder, 50, 3, 2), capsys)
+    debug = ['--set', 'debugFrequency=2', '--set', 'saveIntermediateStage=True']
+    status, out = run(['--input', astronaut, '--output', str(tmp_path)] + ict_args(ict_folder, 50, 3, 2) + debug, capsys)
     assert status == 0, out
     for name in ['render_0.png', 'diffuseMap_0.png', 'specularMap_0.png', 'roughnessMap_0.png', 'mesh0.obj',
-                 'mesh0.mtl', 'envMap_0.png', 'params0.json', 'landmarks0.png']:
+                 'mesh0.mtl', 'envMap_0.png', 'params0.json', 'landmarks0.png',
+                 'mesh0_stage1.obj', 'params0_stage1.json', 'render_0_stage2.png', 'mesh0_stage2.obj',
+                 'debug/stage2_image0_0000.png', 'debug/stage2_image0_0002.png', 'debug/stage3_image0_0001.png']:
         assert os.path.getsize(tmp_path / name) > 0, name
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['image0_stage1.pt', 'image0_stage2.pt', 'image0_stage3.pt']
     params = json.loads((tmp_path / 'params0.json').read_text())
     assert params['width'] == 128 and params['stage'] == 3 and len(params['sh']) == 81
     render = np.asarray(Image.open(tmp_path / 'render_0.png'))
@@ -54,6 +58,11 @@ def test_end_to_end_on_a_real_photo_writes_every_output(ict_folder, astronaut, t
     assert status == 2 and '--overwrite' in out
     status, out = run(['--input', astronaut, '--output', str(tmp_path), '--resume'] + ict_args(ict_folder, 50, 3, 2), capsys)
     assert status == 0 and 'already fitted' in out
+    # --replay renders a turntable from the checkpoints
+    status, out = run(['--output', str(tmp_path), '--replay'] + ict_args(ict_folder, 50, 3, 2), capsys)
+    assert status == 0 and 'turntable_0.gif (stage 3)' in out, out
+    gif = Image.open(tmp_path / 'turntable_0.gif')
+    assert gif.n_frames == optimizer.TURNTABLE_FRAMES and gif.size == (params['width'], params['height'])
 
 
 def test_a_batch_goes_on_past_bad_images(ict_folder, tmp_path, capsys):
@@ -109,3 +118,72 @@ def test_empty_folder(tmp_path, capsys):
     (tmp_path / 'in').mkdir()
     status, out = run(['--input', str(tmp_path / 'in'), '--output', str(tmp_path / 'o')], capsys)
     assert status == 2 and 'holds no images' in out
+
+
+def test_cuda_without_a_gpu_warns_and_runs_on_the_cpu(ict_folder, astronaut, tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a CUDA GPU')
+    status, out = run(['--input', astronaut, '--output', str(tmp_path), '--device', 'cuda']
+                      + ict_args(ict_folder, 20, 0, 0), capsys)
+    assert status == 0 and "device = 'cuda' but no CUDA GPU" in out
+
+
+def test_an_output_folder_that_cannot_be_written(astronaut, tmp_path, capsys):
+    (tmp_path / 'a_file').write_text('')
+    status, out = run(['--input', astronaut, '--output', str(tmp_path / 'a_file' / 'out')], capsys)
+    assert status == 2 and 'cannot write to output folder' in out and 'Traceback' not in out
+
+
+@pytest.fixture
+def two_photos(astronaut, tmp_path):
+    """The astronaut, and a smaller, narrower crop of it mirrored: two sizes in one folder."""
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    image = Image.open(astronaut)
+    image.save(folder / 'a.png')
+    image.crop((150, 20, 330, 300)).transpose(Image.FLIP_LEFT_RIGHT).save(folder / 'b.jpg')
+    return folder
+
+
+def test_images_of_different_sizes_with_a_shared_identity(ict_folder, two_photos, tmp_path, capsys):
+    status, out = run(['--input', str(two_photos), '--output', str(tmp_path / 'o'), '--sharedIdentity']
+                      + ict_args(ict_folder, 20, 3, 0), capsys)
+    assert status == 0, out
+    sizes = []
+    for i in (0, 1):
+        params = json.loads((tmp_path / 'o' / f'params{i}.json').read_text())
+        render = Image.open(tmp_path / 'o' / f'render_{i}.png')
+        assert render.size == (6 * params['width'], params['height'])
+        sizes.append((params['width'], params['height']))
+    assert sizes[0] != sizes[1]
+    assert os.path.isfile(tmp_path / 'o' / 'checkpoints' / 'batch_stage2.pt')
+
+
+def test_ctrl_c_then_resume_redoes_no_finished_image(ict_folder, two_photos, tmp_path, capsys, monkeypatch):
+    output = str(tmp_path / 'o')
+    real_fit_group = optimizer.fit_group
+
+    def interrupted_on_the_second(model, images, *args, **kwargs):
+        if images[0].index == 1:
+            raise KeyboardInterrupt
+        return real_fit_group(model, images, *args, **kwargs)
+    monkeypatch.setattr(optimizer, 'fit_group', interrupted_on_the_second)
+    status, out = run(['--input', str(two_photos), '--output', output] + ict_args(ict_folder, 20, 0, 0), capsys)
+    assert status == 130 and f'continue with --resume --output {output}' in out
+    assert os.path.isfile(os.path.join(output, 'params0.json')) and not os.path.exists(os.path.join(output, 'params1.json'))
+    monkeypatch.setattr(optimizer, 'fit_group', real_fit_group)
+    status, out = run(['--input', str(two_photos), '--output', output, '--resume']
+                      + ict_args(ict_folder, 20, 0, 0), capsys)
+    assert status == 0, out
+    assert 'a.png: already fitted, skipped (--resume)' in out and os.path.isfile(os.path.join(output, 'params1.json'))
+
+
+@pytest.mark.parametrize('name, note', [('32bit.png', 'one face found'),
+                                        ('obama_partial_face.jpg', 'landmarks outside the image are ignored')])
+def test_rgba_and_partial_face_photos(ict_folder, tmp_path, capsys, name, note):
+    photo = os.path.join(SHARED, 'photos', name)
+    if not os.path.isfile(photo):
+        pytest.skip('../shared/photos is not here')
+    status, out = run(['--input', photo, '--output', str(tmp_path)] + ict_args(ict_folder, 20, 0, 0), capsys)
+    assert status == 0 and note in out, out
