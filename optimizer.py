@@ -213,9 +213,10 @@ class AppearanceScene:
     """What stages 2 and 3 share: a renderer per image, the photos in linear colour, the UV
     interpolation of per-vertex albedo, the SH environment map."""
 
-    def __init__(self, model, images: list, config, debug_folder: str = ''):
+    def __init__(self, model, images: list, config, debug_folder: str = '', crop_to_face: bool = True):
         import sphericalharmonics
         self.model, self.images, self.config = model, images, config
+        self.crop_to_face = crop_to_face  # ray trace only around the face (see ``renderer``)
         self.debug_folder = debug_folder  # where debugFrequency's progress images go
         self._renderers = {}
         self.set_photos()
@@ -233,16 +234,28 @@ class AppearanceScene:
         """Take the photos from ``images`` (again), in linear colour [h, w, 3]."""
         self.photos = [torch.from_numpy(utils.srgb_to_linear(im.pixels)) for im in self.images]
 
-    def renderer(self, image: int):
+    def renderer(self, image: int, vertices: torch.Tensor = None, focal: float = None):
         """The renderer of image ``image``, built once. One per image, as prb's backward pass
         re-reads the scene's parameters: a scene shared by two renders of one loss would
-        differentiate the first with the second's parameters."""
+        differentiate the first with the second's parameters. Given the geometry of its first
+        use (``vertices`` [verts, 3], ``focal``), it ray traces only the face's bounding box and
+        a margin: the loss sees only face pixels, and the background is half the image."""
         import renderer
         if image not in self._renderers:
             config = self.config
+            width, height = self.images[image].size
+            crop = None
+            if vertices is not None and self.crop_to_face:
+                pixels = pipeline.project(vertices.detach()[None], torch.tensor([focal]),
+                                          torch.tensor([self.images[image].centre]))[0]
+                margin = FACE_CROP_MARGIN * max(width, height)
+                low = torch.floor(pixels.min(0).values - margin).clamp_min(0)
+                high = torch.ceil(pixels.max(0).values + margin).clamp_max(torch.tensor([width, height]))
+                if bool((high - low >= 8).all()):
+                    crop = (*low.int().tolist(), *high.int().tolist())
             self._renderers[image] = renderer.FaceRenderer(
-                self.model.faces, self.model.uv_faces, self.model.uvs, *self.images[image].size,
-                config.textureResolution, config.envMapRes, config.device, config.integrator)
+                self.model.faces, self.model.uv_faces, self.model.uvs, width, height,
+                config.textureResolution, config.envMapRes, config.device, config.integrator, crop)
         return self._renderers[image]
 
     def vertex_texture(self, values: torch.Tensor) -> torch.Tensor:
@@ -275,23 +288,27 @@ class AppearanceScene:
         normals = utils.vertex_normals(vertices[None], self.model.faces)[0]
         diffuse, specular, roughness = self.maps(params, params.identity_index(image))
         envmap = self.envmap(params.sh[image:image + 1])[0]
-        return self.renderer(image).render(vertices, normals, diffuse, specular, roughness, envmap,
-                                           float(params.focal[image]), spp, seed)
+        focal = float(params.focal[image])
+        return self.renderer(image, vertices, focal).render(vertices, normals, diffuse, specular, roughness,
+                                                            envmap, focal, spp, seed)
 
     def photometric_loss(self, rendered: torch.Tensor, image: int) -> torch.Tensor:
         """Mean L1 distance over the pixels the face covers (linear colour)."""
         alpha = rendered[..., 3:].detach()
         return (alpha * (rendered[..., :3] - self.photos[image]).abs()).sum() / (3 * alpha.sum().clamp_min(1.0))
 
-    def landmark_loss(self, params: pipeline.SceneParameters) -> torch.Tensor:
-        """Weighted mean squared landmark distance (px²)."""
-        vertices = pipeline.model_vertices(self.model, params)
+    def landmark_loss(self, params: pipeline.SceneParameters, vertices: torch.Tensor = None) -> torch.Tensor:
+        """Weighted mean squared landmark distance (px²); ``vertices`` [n, verts, 3] if already made."""
+        vertices = pipeline.model_vertices(self.model, params) if vertices is None else vertices
         points = pipeline.project(vertices[:, self.model.landmark_vertices.clamp_min(0)], params.focal, self.centres)
         squared = ((points - self.targets) ** 2).sum(-1)
         return (self.landmark_weights * squared).sum() / self.landmark_weights.sum()
 
 
 INITIAL_ROUGHNESS = 0.45
+# Margin around the face's projected bounding box that is ray traced, as a fraction of the image
+# size: room for the pose and shape to move in stages 2 and 3.
+FACE_CROP_MARGIN = 0.08
 
 
 def initial_light(scene: AppearanceScene, params: pipeline.SceneParameters) -> torch.Tensor:
@@ -377,9 +394,11 @@ def fit_stage2(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipe
               dict(params=[params.sh], lr=rates['light'] * light_level)]
 
     def loss_fn(iteration):
-        photo = sum(scene.photometric_loss(scene.render(params, i, config.rtTrainingSamples, iteration), i)
+        vertices = pipeline.model_vertices(scene.model, params)
+        photo = sum(scene.photometric_loss(scene.render(params, i, config.rtTrainingSamples, iteration,
+                                                        vertices=vertices[i]), i)
                     for i in range(len(scene.images))) / len(scene.images)
-        landmark = scene.landmark_loss(params)
+        landmark = scene.landmark_loss(params, vertices)
         prior = (config.weightShapeReg * (params.shape ** 2).mean()
                  + config.weightExpressionReg * (params.expression ** 2).mean()
                  + config.weightAlbedoReg * (params.albedo ** 2).mean())
@@ -419,14 +438,17 @@ def fit_stage3(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipe
                (config.weightSpecularSymmetryReg, config.weightSpecularConsistencyReg, config.weightSpecularSmoothnessReg),
                (config.weightRoughnessSymmetryReg, config.weightRoughnessConsistencyReg, config.weightRoughnessSmoothnessReg))
 
+    with torch.no_grad():
+        vertices = pipeline.model_vertices(scene.model, params)  # fixed in stage 3
+
     def loss_fn(iteration):
-        photo = sum(scene.photometric_loss(scene.render(params, i, config.rtTrainingSamples, 10_000 + iteration), i)
+        photo = sum(scene.photometric_loss(scene.render(params, i, config.rtTrainingSamples, 10_000 + iteration,
+                                                        vertices=vertices[i]), i)
                     for i in range(len(scene.images))) / len(scene.images)
         regularizer = sum(_texture_regularizers(m[k], r[k], w) for m, r, w in zip(
             (params.diffuse_map, params.specular_map, params.roughness_map), references, weights)
             for k in range(identities))
-        landmark = scene.landmark_loss(params)
-        loss = photo + regularizer + config.weightLandmarksLossStep3 * landmark
+        loss = photo + regularizer  # the geometry is fixed: weightLandmarksLossStep3 has nothing to move
         return loss, dict(photo=photo, regularizer=regularizer)
 
     _adam_loop('stage 3', groups, loss_fn, config.iterStep3, config, lambda k: save_progress(scene, params, 3, k))
@@ -453,8 +475,9 @@ def save_progress(scene: AppearanceScene, params: pipeline.SceneParameters, stag
 
 
 def fit_appearance(model, params: pipeline.SceneParameters, images: list, config, output: str,
-                   name: str) -> pipeline.SceneParameters:
-    """Stages 2 and 3 from wherever ``params`` stands, with a checkpoint after each."""
+                   name: str) -> tuple:
+    """Stages 2 and 3 from wherever ``params`` stands, with a checkpoint after each -> (params,
+    the scene, whose renderers the outputs reuse)."""
     scene = AppearanceScene(model, images, config, os.path.join(output, 'debug') if config.debugFrequency else '')
     if params.stage < 2 and config.iterStep2 > 0:
         params = fit_stage2(scene, params)
@@ -466,7 +489,7 @@ def fit_appearance(model, params: pipeline.SceneParameters, images: list, config
         params = fit_stage3(scene, params)
         params.save(checkpoint_path(output, name, 3))
         print(f'{name}: stage 3 photometric error {photometric_error(scene, params):.4f}')
-    return params
+    return params, scene
 
 
 def photometric_error(scene: AppearanceScene, params: pipeline.SceneParameters, spp: int = 64) -> float:
@@ -703,7 +726,8 @@ def replay(output: str, config) -> int:
                 record = json.load(file)
             images.append(FitImage(index, record['source'], np.zeros((record['height'], record['width'], 3), np.float32),
                                    record['scale'], np.full((68, 2), np.nan)))
-        scene = AppearanceScene(model, images, config.replace(bands=int(round(math.sqrt(params.sh.shape[1])))))
+        scene = AppearanceScene(model, images, config.replace(bands=int(round(math.sqrt(params.sh.shape[1])))),
+                                crop_to_face=False)  # the turning head leaves the fitted face's box
         if params.sh.abs().sum() == 0:  # a stage-1 fit has no light yet
             params.sh = initial_light(scene, params)
         for row, image in enumerate(images):
@@ -747,12 +771,13 @@ def fit_group(model, images: list, config, shared_identity: bool, output: str, n
         print(f'{name}: stage 1 landmark error ' + ', '.join(f'{e:.2f}' for e in errors) + ' px')
         if config.saveIntermediateStage:
             save_geometry(output, model, params, images, suffix='_stage1')
+    scene = None  # made by stages 2 and 3, else by save_outputs
     if params.stage < final:
-        params = fit_appearance(model, params, images, config, output, name)
+        params, scene = fit_appearance(model, params, images, config, output, name)
     if final == 1:
         save_geometry(output, model, params, images)
     else:
-        save_outputs(output, model, params, images, config)
+        save_outputs(output, model, params, images, config, scene=scene)
 
 
 def check_output_folder(output: str, overwrite: bool, resume: bool) -> None:

@@ -79,12 +79,16 @@ class FaceRenderer:
     channel of the face coverage [height, width, 1], differentiable w.r.t. every input."""
 
     def __init__(self, faces: torch.Tensor, uv_faces: torch.Tensor, uvs: torch.Tensor, width: int, height: int,
-                 texture_resolution: int, envmap_rows: int, device: str = 'cpu', integrator: str = 'prb'):
+                 texture_resolution: int, envmap_rows: int, device: str = 'cpu', integrator: str = 'prb',
+                 crop: tuple = None):
+        """``crop`` = (x0, y0, x1, y1): only these pixels are ray traced (the rest of the image is
+        returned empty); the camera stays that of the whole [height, width] image."""
         mi = self.mi = mitsuba(device)
         self.torch_device = 'cuda' if device == 'cuda' else 'cpu'
         geometry_index, uv_index, triangles = render_vertex_layout(faces.cpu().numpy(), uv_faces.cpu().numpy())
         self.geometry_index = torch.from_numpy(geometry_index).to(faces.device)
         self.width, self.height = width, height
+        self.crop = tuple(int(c) for c in crop) if crop is not None else (0, 0, width, height)
         uv = uvs.cpu().numpy()[uv_index].astype(np.float32)
         uv[:, 1] = 1 - uv[:, 1]  # OBJ's v is up, Mitsuba looks up row v·res: maps keep row 0 at v = 1
         mesh = mi.Mesh('face', len(geometry_index), len(triangles), has_vertex_normals=True,
@@ -112,7 +116,8 @@ class FaceRenderer:
                        'to_world': mi.ScalarTransform4f().look_at(origin=[0, 0, 0], target=[0, 0, 1], up=[0, -1, 0]),
                        'near_clip': 1.0, 'far_clip': 1e5,
                        'film': {'type': 'hdrfilm', 'width': width, 'height': height, 'rfilter': {'type': 'box'},
-                                'pixel_format': 'rgba'}},
+                                'pixel_format': 'rgba', 'crop_offset_x': self.crop[0], 'crop_offset_y': self.crop[1],
+                                'crop_width': self.crop[2] - self.crop[0], 'crop_height': self.crop[3] - self.crop[1]}},
             'face': mesh,
             'light': {'type': 'envmap', 'bitmap': mi.Bitmap(envmap),
                       'to_world': mi.ScalarTransform4f(sphericalharmonics.ENVMAP_TO_WORLD.tolist())}})
@@ -180,11 +185,17 @@ class FaceRenderer:
         differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         passes = 1 if differentiated else math.ceil(spp / MAX_SPP_PER_PASS)
         if passes == 1:
-            return self._render(*inputs, spp, seed, new_geometry).to(vertices.device)
+            return self._uncrop(self._render(*inputs, spp, seed, new_geometry).to(vertices.device))
         # Drjit holds per-sample state for a whole pass: many samples go in passes of bounded memory.
         counts = [spp // passes + (k < spp % passes) for k in range(passes)]
-        return sum(count * self._render(*inputs, count, seed * passes + k, k == 0 and new_geometry).to(vertices.device)
-                   for k, count in enumerate(counts)) / spp
+        return self._uncrop(sum(count * self._render(*inputs, count, seed * passes + k, k == 0 and new_geometry)
+                                for k, count in enumerate(counts)).to(vertices.device) / spp)
+
+    def _uncrop(self, image: torch.Tensor) -> torch.Tensor:
+        """The crop's pixels [ch, cw, c] placed in an empty full image [height, width, c]."""
+        x0, y0, x1, y1 = self.crop
+        padding = (0, 0, x0, self.width - x1, y0, self.height - y1)  # last dimension first
+        return torch.nn.functional.pad(image, padding) if any(padding) else image
 
     def uv_image(self, vertices: torch.Tensor, focal: float) -> torch.Tensor:
         """The texture coordinate seen by each pixel [height, width, 2] (OBJ convention, v up),
@@ -194,7 +205,7 @@ class FaceRenderer:
         self.params[self.keys['positions']] = self.mi.Float(
             vertices[self.geometry_index].detach().float().cpu().numpy().reshape(-1))
         self.params.update()
-        image = torch.from_numpy(np.array(self.mi.render(self.scene, spp=4, integrator=self._uv_integrator)))
+        image = self._uncrop(torch.from_numpy(np.array(self.mi.render(self.scene, spp=4, integrator=self._uv_integrator))))
         uv = image[..., -2:].clone()
         uv[..., 1] = 1 - uv[..., 1]
         return uv
