@@ -16,3 +16,4 @@ FACE_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q tests/test_renderer.py te
 timeout 150 python3 benchmark.py --device cuda 2>&1 | grep -v '^[WI]0000' | tee "$OUT/benchmark_default.txt"
 timeout 150 python3 benchmark.py --device cuda --iterations 2000 400 100 2>&1 | grep -v '^[WI]0000' \
     | tee "$OUT/benchmark_nextface_iterations.txt"
+timeout 150 python3 benchmark.py --device cuda --cli 2>&1 | grep -v '^[WI]0000' | tail -5 | tee "$OUT/benchmark_cli.txt"
