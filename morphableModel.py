@@ -90,6 +90,12 @@ class MorphableModel:
     def n_albedo(self) -> int:
         return self.diffuse_basis.shape[0]
 
+    @property
+    def has_albedo_model(self) -> bool:
+        """Whether the diffuse albedo varies over the face statistically (AlbedoMM), rather than
+        as one skin colour (ICT-FaceKit's global modes)."""
+        return bool((self.diffuse_basis.std(dim=1) > 1e-6).any())
+
     def vertices(self, shape_coeffs: torch.Tensor, expression_coeffs: torch.Tensor) -> torch.Tensor:
         """[n, n_shape], [n, n_expr] -> vertices [n, verts, 3] in the canonical frame."""
         return (self.mean_shape

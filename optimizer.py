@@ -420,6 +420,13 @@ def _texture_regularizers(map_: torch.Tensor, reference: torch.Tensor, weights: 
             + smoothness * smooth)
 
 
+# Adam step sizes of stage 3, per texel of the maps and for the SH coefficients.
+# The specular map moves 10x slower than the diffuse one: under smooth SH light a rough
+# specular lobe can mimic albedo, and the detail of a face belongs in its diffuse map.
+STAGE3_RATES = dict(diffuse=0.005, specular=0.0005, roughness=0.005, light=0.005)
+GLOBAL_ALBEDO_CONSISTENCY_SCALE = 0.01
+
+
 def fit_stage3(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipeline.SceneParameters:
     """Stage 3: per-texel diffuse, specular and roughness maps (and the light), starting from the
     statistical albedo, with symmetry, consistency and smoothness regularizers."""
@@ -432,9 +439,16 @@ def fit_stage3(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipe
     references = [t.detach().clone() for t in (params.diffuse_map, params.specular_map, params.roughness_map)]
     for tensor in (params.diffuse_map, params.specular_map, params.roughness_map, params.sh):
         tensor.requires_grad_(True)
-    groups = [dict(params=[params.diffuse_map, params.specular_map, params.roughness_map], lr=0.005),
-              dict(params=[params.sh], lr=0.005)]
-    weights = ((config.weightDiffuseSymmetryReg, config.weightDiffuseConsistencyReg, config.weightDiffuseSmoothnessReg),
+    rates = STAGE3_RATES
+    groups = [dict(params=[params.diffuse_map], lr=rates['diffuse']),
+              dict(params=[params.specular_map], lr=rates['specular']),
+              dict(params=[params.roughness_map], lr=rates['roughness']),
+              dict(params=[params.sh], lr=rates['light'])]
+    # Without an albedo model the stage-2 diffuse map is one skin colour: held to it, the face's
+    # detail went into the specular map (measured on ICT-FaceKit), so the hold is loosened.
+    diffuse_consistency = config.weightDiffuseConsistencyReg * (
+        1.0 if scene.model.has_albedo_model else GLOBAL_ALBEDO_CONSISTENCY_SCALE)
+    weights = ((config.weightDiffuseSymmetryReg, diffuse_consistency, config.weightDiffuseSmoothnessReg),
                (config.weightSpecularSymmetryReg, config.weightSpecularConsistencyReg, config.weightSpecularSmoothnessReg),
                (config.weightRoughnessSymmetryReg, config.weightRoughnessConsistencyReg, config.weightRoughnessSmoothnessReg))
 
