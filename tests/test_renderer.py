@@ -30,7 +30,7 @@ def setup(small_bfm, render_device):
     return model, face, params, sh
 
 
-def render(setup, shape=None, rotation=None, sh=None, diffuse=None, spp=64, seed=3):
+def render(setup, shape=None, rotation=None, sh=None, diffuse=None, specular=None, roughness=None, spp=64, seed=3):
     model, face, params, default_sh = setup
     p = pipeline.SceneParameters(**{**params.__dict__})
     if shape is not None:
@@ -41,8 +41,9 @@ def render(setup, shape=None, rotation=None, sh=None, diffuse=None, spp=64, seed
     normals = utils.vertex_normals(vertices[None], model.faces)[0]
     envmap = sphericalharmonics.EnvironmentMap(3, ROWS, False)((default_sh if sh is None else sh)[None])[0]
     diffuse = torch.full((RES, RES, 3), 0.5) if diffuse is None else diffuse
-    return face.render(vertices, normals, diffuse, torch.full((RES, RES, 3), 0.05),
-                       torch.full((RES, RES, 1), 0.4), envmap, float(p.focal[0]), spp, seed)
+    specular = torch.full((RES, RES, 3), 0.05) if specular is None else specular
+    roughness = torch.full((RES, RES, 1), 0.4) if roughness is None else roughness
+    return face.render(vertices, normals, diffuse, specular, roughness, envmap, float(p.focal[0]), spp, seed)
 
 
 def test_render_matches_the_projection_convention(setup):
@@ -80,6 +81,7 @@ def _check_gradient(setup, make_kwargs, value: torch.Tensor, index, step: float)
         minus[index] -= step
         numeric = float(((render(setup, **make_kwargs(plus)) - render(setup, **make_kwargs(minus)))[..., :3]
                          * weights).sum() / (2 * step))
+    print(f'gradient check {index}: analytic {analytic:.5g}, finite difference {numeric:.5g}')
     assert abs(numeric) > 1e-3, 'the check needs a visible effect'
     assert math.isclose(analytic, numeric, rel_tol=0.15), (analytic, numeric)
 
@@ -93,6 +95,18 @@ def test_gradient_of_a_diffuse_texel(setup):
     diffuse = torch.full((RES, RES, 3), 0.5)
     # the texel under the centre of the face
     _check_gradient(setup, lambda v: dict(diffuse=v), diffuse, (RES // 2, RES // 2, 1), 0.1)
+
+
+def test_gradient_of_a_specular_texel(setup):
+    specular = torch.full((RES, RES, 3), 0.3)
+    _check_gradient(setup, lambda v: dict(specular=v), specular, (RES // 2, RES // 2, 0), 0.1)
+
+
+def test_gradient_of_a_roughness_texel(setup):
+    """With a strong specular map, so that the lobe's width shows."""
+    roughness = torch.full((RES, RES, 1), 0.3)
+    _check_gradient(setup, lambda v: dict(roughness=v, specular=torch.full((RES, RES, 3), 0.8)), roughness,
+                    (RES // 2, RES // 2, 0), 0.04)
 
 
 def test_gradient_of_a_pose_parameter(setup):
