@@ -874,10 +874,22 @@ def run(args) -> int:
             print(f'error: {error}')
             return None
 
+    def fit(images, shared, name):
+        try:
+            fit_group(model, images, config, shared, args.output, name, args.resume)
+        except (FitError, OSError) as error:
+            reason = str(error) if isinstance(error, FitError) else (
+                f'writing the results failed ({error.strerror}: {error.filename}); free some space '
+                f'or choose another --output, then continue with --resume')
+            message = f"{', '.join(image.path for image in images)}: {reason}"
+            for image in images:
+                failures[image.path] = message
+            print(f'error: {message}')
+
     if args.sharedIdentity:
         images = [im for im in (prepare(i, p) for i, p in enumerate(paths)) if im is not None]
         if images:
-            fit_group(model, images, config, True, args.output, 'batch', args.resume)
+            fit(images, True, 'batch')
     else:
         from tqdm import tqdm
         for index, path in enumerate(tqdm(paths, desc='images', unit='image', disable=len(paths) == 1)):
@@ -887,13 +899,8 @@ def run(args) -> int:
                 print(f'[{index}] {path}: already fitted, skipped (--resume)')
                 continue
             image = prepare(index, path)
-            if image is None:
-                continue
-            try:
-                fit_group(model, [image], config, False, args.output, name, args.resume)
-            except FitError as error:
-                failures[path] = str(error)
-                print(f'error: {error}')
+            if image is not None:
+                fit([image], False, name)
     fitted = len(paths) - len(failures)
     print(f'done: {fitted} of {len(paths)} images fitted; results in {os.path.abspath(args.output)}')
     for path, reason in failures.items():

@@ -187,3 +187,15 @@ def test_rgba_and_partial_face_photos(ict_folder, tmp_path, capsys, name, note):
         pytest.skip('../shared/photos is not here')
     status, out = run(['--input', photo, '--output', str(tmp_path)] + ict_args(ict_folder, 20, 0, 0), capsys)
     assert status == 0 and note in out, out
+
+
+def test_a_full_disk_fails_the_image_with_a_clear_message(ict_folder, astronaut, tmp_path, capsys, monkeypatch):
+    import errno
+    import utils
+
+    def full_disk(path, image):
+        raise OSError(errno.ENOSPC, 'No space left on device', path)
+    monkeypatch.setattr(utils, 'save_image', full_disk)
+    status, out = run(['--input', astronaut, '--output', str(tmp_path)] + ict_args(ict_folder, 20, 0, 0), capsys)
+    assert status == 1 and 'writing the results failed (No space left on device' in out and 'Traceback' not in out
+    assert 'continue with --resume' in out
