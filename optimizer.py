@@ -909,11 +909,12 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    import renderer  # imports no Mitsuba until a renderer is made
     args = parse_arguments(argv)
     try:
         return run(args)
     except (FitError, config_module.ConfigError, morphableModel.ModelFileError,
-            landmarks_module.LandmarkError) as error:
+            landmarks_module.LandmarkError, renderer.RendererError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -199,3 +199,11 @@ def test_a_full_disk_fails_the_image_with_a_clear_message(ict_folder, astronaut,
     status, out = run(['--input', astronaut, '--output', str(tmp_path)] + ict_args(ict_folder, 20, 0, 0), capsys)
     assert status == 1 and 'writing the results failed (No space left on device' in out and 'Traceback' not in out
     assert 'continue with --resume' in out
+
+
+def test_a_ray_tracer_without_llvm_stops_with_the_fix(ict_folder, astronaut, tmp_path, capsys, monkeypatch):
+    import renderer
+    monkeypatch.setattr(renderer, '_mi', None)
+    monkeypatch.setattr(renderer, '_find_libllvm', lambda: '')
+    status, out = run(['--input', astronaut, '--output', str(tmp_path)] + ict_args(ict_folder, 20, 3, 0), capsys)
+    assert status == 2 and 'needs LLVM >= 17: run ./setup.sh' in out and 'Traceback' not in out

@@ -131,3 +131,10 @@ def test_sh_basis_is_orthonormal():
 def test_constant_light_is_uniform():
     envmap = sphericalharmonics.EnvironmentMap(9, 16, False)(sphericalharmonics.constant_light(9, [0.2, 0.5, 1.0])[None])[0]
     assert torch.allclose(envmap, torch.tensor([0.2, 0.5, 1.0]).expand_as(envmap), atol=1e-5)
+
+
+def test_missing_llvm_says_how_to_fix_it(monkeypatch):
+    monkeypatch.setattr(renderer, '_mi', None)
+    monkeypatch.setattr(renderer, '_find_libllvm', lambda: '')
+    with pytest.raises(renderer.RendererError, match=r'LLVM >= 17: run ./setup.sh'):
+        renderer.mitsuba('cpu')
