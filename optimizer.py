@@ -421,10 +421,15 @@ def _texture_regularizers(map_: torch.Tensor, reference: torch.Tensor, weights: 
 
 
 # Adam step sizes of stage 3, per texel of the maps and for the SH coefficients.
-# The specular map moves 10x slower than the diffuse one: under smooth SH light a rough
-# specular lobe can mimic albedo, and the detail of a face belongs in its diffuse map.
-STAGE3_RATES = dict(diffuse=0.005, specular=0.0005, roughness=0.005, light=0.005)
-GLOBAL_ALBEDO_CONSISTENCY_SCALE = 0.01
+STAGE3_RATES = dict(diffuse=0.005, specular=0.005, roughness=0.005, light=0.005)
+# Without an albedo model (ICT-FaceKit) the stage-2 maps are one skin colour and one specular
+# level. Held to that colour, the diffuse map stayed flat and the specular map took the face's
+# detail (a rough specular lobe under smooth light mimics albedo). So for such models the
+# diffuse consistency weight is scaled by diffuse_consistency_scale and the specular map moves
+# specular_rate_scale as fast (on 32bit.png: stage-3 error 0.057 -> 0.047, detail in the diffuse
+# map). With AlbedoMM the stage-2 maps are a real prior and NextFace's weights stay as they are
+# (the slower specular map alone made the BFM-sized benchmark worse: 0.090 -> 0.102).
+WITHOUT_ALBEDO_MODEL = dict(diffuse_consistency_scale=0.01, specular_rate_scale=0.1)
 
 
 def fit_stage3(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipeline.SceneParameters:
@@ -439,15 +444,15 @@ def fit_stage3(scene: AppearanceScene, params: pipeline.SceneParameters) -> pipe
     references = [t.detach().clone() for t in (params.diffuse_map, params.specular_map, params.roughness_map)]
     for tensor in (params.diffuse_map, params.specular_map, params.roughness_map, params.sh):
         tensor.requires_grad_(True)
-    rates = STAGE3_RATES
+    rates, loose = dict(STAGE3_RATES), not scene.model.has_albedo_model
+    if loose:
+        rates['specular'] *= WITHOUT_ALBEDO_MODEL['specular_rate_scale']
     groups = [dict(params=[params.diffuse_map], lr=rates['diffuse']),
               dict(params=[params.specular_map], lr=rates['specular']),
               dict(params=[params.roughness_map], lr=rates['roughness']),
               dict(params=[params.sh], lr=rates['light'])]
-    # Without an albedo model the stage-2 diffuse map is one skin colour: held to it, the face's
-    # detail went into the specular map (measured on ICT-FaceKit), so the hold is loosened.
     diffuse_consistency = config.weightDiffuseConsistencyReg * (
-        1.0 if scene.model.has_albedo_model else GLOBAL_ALBEDO_CONSISTENCY_SCALE)
+        WITHOUT_ALBEDO_MODEL['diffuse_consistency_scale'] if loose else 1.0)
     weights = ((config.weightDiffuseSymmetryReg, diffuse_consistency, config.weightDiffuseSmoothnessReg),
                (config.weightSpecularSymmetryReg, config.weightSpecularConsistencyReg, config.weightSpecularSmoothnessReg),
                (config.weightRoughnessSymmetryReg, config.weightRoughnessConsistencyReg, config.weightRoughnessSmoothnessReg))
