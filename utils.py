@@ -216,18 +216,22 @@ def resize_image(image: np.ndarray, max_resolution: int) -> tuple:
     return np.clip(np.stack(planes, axis=2), 0, 1).astype(np.float32), size[0] / width
 
 
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float values in [0, 1] (NaN as 0, the rest clipped) -> 8-bit, rounded."""
+    return (np.clip(np.nan_to_num(image), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 def save_image(path: str, image: np.ndarray) -> None:
     """Write an sRGB float image [h, w, 3] (or [h, w]) in [0, 1] as an 8-bit PNG, atomically."""
     from PIL import Image
-    pixels = (np.clip(np.nan_to_num(image), 0, 1) * 255 + 0.5).astype(np.uint8)
     with atomic_path(path) as temporary:
-        Image.fromarray(pixels).save(temporary, format='PNG')
+        Image.fromarray(_to_uint8(image)).save(temporary, format='PNG')
 
 
 def save_gif(path: str, frames: list, milliseconds: int = 80) -> None:
     """sRGB float frames [h, w, 3] in [0, 1] -> a looping animated GIF, atomically."""
     from PIL import Image
-    images = [Image.fromarray((np.clip(np.nan_to_num(f), 0, 1) * 255 + 0.5).astype(np.uint8)) for f in frames]
+    images = [Image.fromarray(_to_uint8(frame)) for frame in frames]
     with atomic_path(path) as temporary:
         images[0].save(temporary, format='GIF', save_all=True, append_images=images[1:], duration=milliseconds, loop=0)
 
@@ -303,8 +307,9 @@ def texel_interpolation(uvs: np.ndarray, uv_faces: np.ndarray, faces: np.ndarray
 
 
 class _SparseProduct(torch.autograd.Function):
-    """matrix @ x with the transpose kept in CSR too: torch's own backward of a sparse product
-    transposes and converts on every call, ~30x slower than this on the CPU."""
+    """matrix @ x with the transpose kept in CSR too: torch's own backward of a sparse COO
+    product transposes and converts on every call (0.10 s per call for a 512² map of 28.8k
+    vertices on this project's CPU, most of a step's texture cost)."""
 
     @staticmethod
     def forward(ctx, matrix, transposed, x):
