@@ -488,9 +488,8 @@ def save_progress(scene: AppearanceScene, params: pipeline.SceneParameters, stag
     with torch.no_grad():
         for row, image in enumerate(scene.images):
             rendered = scene.render(params, row, 16, iteration).numpy()
-            panels = [image.pixels, _composite(rendered, image.pixels), _composite(rendered, np.zeros_like(image.pixels))]
             utils.save_image(os.path.join(scene.debug_folder, f'stage{stage}_image{image.index}_{iteration:04d}.png'),
-                             np.concatenate(panels, axis=1))
+                             np.concatenate(_render_panels(image, rendered), axis=1))
 
 
 def fit_appearance(model, params: pipeline.SceneParameters, images: list, config, output: str,
@@ -536,11 +535,11 @@ def save_outputs(folder: str, model, params: pipeline.SceneParameters, images: l
                 utils.save_image(os.path.join(folder, f'{key}_{i}.png'), value)
             utils.write_mtl(os.path.join(folder, f'mesh{i}.mtl'), f'diffuseMap_{i}.png',
                             f'specularMap_{i}.png', f'roughnessMap_{i}.png')
-            rendered = scene.render(params, row, config.rtSamples, 12345).numpy()
             vertices = pipeline.model_vertices(model, _select(params, row))[0]
+            rendered = scene.render(params, row, config.rtSamples, 12345, vertices=vertices).numpy()
             uv = scene.renderer(row).uv_image(vertices, float(params.focal[row]))
             black = np.zeros_like(image.pixels)
-            panels = [image.pixels, _composite(rendered, image.pixels), _composite(rendered, black)]
+            panels = _render_panels(image, rendered)
             for value in maps.values():
                 panels.append(_composite(np.concatenate([_sample_map(value, uv), rendered[..., 3:]], axis=2),
                                          black, encoded=True))
@@ -548,6 +547,11 @@ def save_outputs(folder: str, model, params: pipeline.SceneParameters, images: l
             envmap = scene.envmap(params.sh[row:row + 1])[0].numpy()
             sphericalharmonics.save_envmap(os.path.join(folder, f'envMap_{i}.{"exr" if config.saveExr else "png"}'), envmap)
     save_geometry(folder, model, params, images, suffix)
+
+
+def _render_panels(image: FitImage, rendered: np.ndarray) -> list:
+    """The photo, the render [h, w, 4] over it, and the render over black: sRGB [h, w, 3] each."""
+    return [image.pixels, _composite(rendered, image.pixels), _composite(rendered, np.zeros_like(image.pixels))]
 
 
 def _composite(rgba: np.ndarray, background: np.ndarray, encoded: bool = False) -> np.ndarray:

@@ -3,7 +3,7 @@
 The scene: the face mesh (positions, normals, UVs), a BSDF that is Lambertian diffuse plus GGX
 microfacet specular with diffuse/specular/roughness texture maps, the SH environment map as the
 only light (rays toward it are blocked by the face itself: shadows), and a pinhole camera with
-the fitted focal length. The scene is built once per image size; each render only updates its
+the fitted focal length. The scene is built once per image; each render only updates its
 parameters. ``drjit.wrap`` carries gradients back to PyTorch for vertices, maps and the light.
 """
 import glob
@@ -150,8 +150,8 @@ class FaceRenderer:
         return render
 
     def set_focal(self, focal: float) -> None:
-        """Horizontal field of view from the focal length (px of the film); not differentiated
-        (stage 1 fits it)."""
+        """Horizontal field of view from the focal length (px of the whole image, crop or not);
+        not differentiated (stage 1 fits it)."""
         fov = float(np.degrees(2 * np.arctan(self.width / 2 / focal)))
         if fov != self._fov:
             self.params[self.keys['fov']] = fov
@@ -169,8 +169,8 @@ class FaceRenderer:
                specular_map: torch.Tensor, roughness_map: torch.Tensor, envmap: torch.Tensor,
                focal: float, spp: int, seed: int = 0) -> torch.Tensor:
         """vertices, normals [verts, 3] (camera frame, per geometry vertex); maps [res, res, 3|3|1]
-        (v up, like the OBJ UVs); envmap [rows, 2·rows, 3]; focal in pixels of this film -> RGBA
-        image [height, width, 4]."""
+        (v up, like the OBJ UVs); envmap [rows, 2·rows, 3]; focal in pixels -> RGBA image
+        [height, width, 4], empty outside the crop."""
         self.set_focal(focal)
         to_render = lambda t: t[self.geometry_index].contiguous().float()
         texture = lambda t: t.contiguous().float()  # row 0 is v = 1 for both, see __init__
