@@ -98,17 +98,8 @@ def synthetic_problem(config, size: int):
         focal=torch.tensor([size * 3.0]), albedo=0.7 * torch.randn(1, model.n_albedo, generator=generator),
         sh=torch.zeros(1, config.bands ** 2, 3))
     truth.sh[0, 0], truth.sh[0, 1], truth.sh[0, 2] = 2.5, 0.8, 1.2
-    blank = np.zeros((size, size, 3), np.float32)
-    vertices = pipeline.model_vertices(model, truth)
-    centre = torch.tensor([[size / 2, size / 2]])
-    landmarks = pipeline.project(vertices[:, model.landmark_vertices], truth.focal, centre)[0].numpy()
-    image = optimizer.FitImage(0, 'synthetic', blank, 1.0, landmarks)
-    scene = optimizer.AppearanceScene(model, [image], config)
-    with torch.no_grad():
-        rendered = scene.render(truth, 0, 256, 1).numpy()
-    image.pixels = np.clip(optimizer._composite(rendered, np.full_like(blank, 0.2)), 0, 1).astype(np.float32)
-    scene.set_photos()
-    return model, truth, image, scene, vertices[0].numpy()
+    image, scene, vertices = synthetic.synthetic_photo(model, truth, config, size, background=0.2)
+    return model, truth, image, scene, vertices.numpy()
 
 
 def time_command_line(folder: str, image, config, args) -> None:

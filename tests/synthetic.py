@@ -11,6 +11,7 @@ import os
 
 import h5py
 import numpy as np
+import torch
 
 import morphableModel
 
@@ -140,3 +141,21 @@ def write_bfm(folder: str, rings: int = 20, segments: int = 40, n_shape: int = 1
         file.writelines(f'{i}\t\t{v}\n' for i, v in enumerate(landmark_vertices))
     return dict(folder=folder, vertices=vertices, triangles=triangles, association=association,
                 landmark_vertices=landmark_vertices)
+
+
+def synthetic_photo(model, truth, config, size: int, background: float):
+    """A photo of ``truth`` (one image, camera at the centre of a size² px image), ray traced at
+    256 spp over a grey ``background`` -> (FitImage with the true landmarks, its AppearanceScene,
+    true camera-space vertices [verts, 3])."""
+    import optimizer
+    import pipeline
+    vertices = pipeline.model_vertices(model, truth)
+    landmarks = pipeline.project(vertices[:, model.landmark_vertices], truth.focal,
+                                 torch.tensor([[size / 2, size / 2]]))[0].numpy()
+    image = optimizer.FitImage(0, 'synthetic', np.zeros((size, size, 3), np.float32), 1.0, landmarks)
+    scene = optimizer.AppearanceScene(model, [image], config)
+    with torch.no_grad():
+        rendered = scene.render(truth, 0, 256, 1).numpy()
+    image.pixels = np.clip(optimizer._composite(rendered, np.full((size, size, 3), background)), 0, 1).astype(np.float32)
+    scene.set_photos()
+    return image, scene, vertices[0]

@@ -1,5 +1,4 @@
 """Stages 2 and 3 on a synthetic photo of known light, albedo and pose."""
-import numpy as np
 import pytest
 import torch
 
@@ -7,6 +6,7 @@ import config
 import morphableModel
 import optimizer
 import pipeline
+import synthetic
 
 SIZE = 96
 
@@ -29,15 +29,7 @@ def fitted(small_bfm, render_device):
         focal=torch.tensor([3.0 * SIZE]), albedo=0.5 * torch.ones(1, model.n_albedo), sh=torch.zeros(1, 9, 3))
     # light from the front (-z: Y_1-1 < 0), above (Y_10 > 0) and the right (Y_11 > 0), white
     truth.sh[0, :4] = torch.tensor([2.2, -0.8, 0.7, 0.6])[:, None]
-    vertices = pipeline.model_vertices(model, truth)
-    landmarks = pipeline.project(vertices[:, model.landmark_vertices], truth.focal,
-                                 torch.tensor([[SIZE / 2, SIZE / 2]]))[0].numpy()
-    image = optimizer.FitImage(0, 'synthetic', np.zeros((SIZE, SIZE, 3), np.float32), 1.0, landmarks)
-    scene = optimizer.AppearanceScene(model, [image], cfg)
-    with torch.no_grad():
-        rendered = scene.render(truth, 0, 256, 1).numpy()
-    image.pixels = np.clip(optimizer._composite(rendered, np.full((SIZE, SIZE, 3), 0.3)), 0, 1).astype(np.float32)
-    scene.set_photos()
+    image, scene, _ = synthetic.synthetic_photo(model, truth, cfg, SIZE, background=0.3)
     stage1 = optimizer.fit_landmarks(model, [image], cfg, shared_identity=False)
     stage2 = optimizer.fit_stage2(scene, stage1)
     stage3 = optimizer.fit_stage3(scene, stage2)
