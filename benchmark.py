@@ -29,46 +29,24 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests'))
 import config as config_module  # noqa: E402
+import fitting  # noqa: E402
 import morphableModel  # noqa: E402
-import optimizer  # noqa: E402
 import pipeline  # noqa: E402
+import results  # noqa: E402
 import synthetic  # noqa: E402
-import utils  # noqa: E402
 
 
-def timed_iterations(function):
-    """Run ``function`` (a stage), timing each Adam step -> (result, total s, median s/it, steps)."""
-    stamps = []
-    original = torch.optim.Adam.step
-
-    def step(self, *args, **kwargs):
-        stamps.append(time.perf_counter())
-        return original(self, *args, **kwargs)
-    torch.optim.Adam.step = step
-    try:
-        start = time.perf_counter()
-        result = function()
-        total = time.perf_counter() - start
-    finally:
-        torch.optim.Adam.step = original
-    per_iteration = np.diff([start] + stamps)
-    return result, total, (float(np.median(per_iteration)) if len(per_iteration) else float('nan')), len(stamps)
+def stage_row(name: str, history: list, seconds: float) -> tuple:
+    """A stage's history (one dict per step with its 'seconds') -> (name, steps, median s/it, total s)."""
+    median = float(np.median([step['seconds'] for step in history])) if history else float('nan')
+    return name, len(history), median, seconds
 
 
-def counted_landmark_fit(model, image, config):
-    """Stage 1, counting the Levenberg-Marquardt iterations of all focal starts -> (params, iterations)."""
-    original, count = optimizer.levenberg_marquardt, [0]
-
-    def counting(residuals, x, iterations, *args):
-        def counted(v):
-            count[0] += 1
-            return residuals(v)
-        return original(counted, x, iterations, *args)
-    optimizer.levenberg_marquardt = counting
-    try:
-        return optimizer.fit_landmarks(model, [image], config, shared_identity=False), count[0]
-    finally:
-        optimizer.levenberg_marquardt = original
+def timed(function):
+    """-> (what ``function()`` returns, seconds it took)."""
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
 
 
 def rigid_vertex_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -88,18 +66,17 @@ def write_model(folder: str) -> str:
 
 
 def synthetic_problem(config, size: int):
-    """A synthetic photo of known parameters -> (model, truth, FitImage, AppearanceScene, true vertices)."""
+    """A synthetic photo of known parameters -> (model, truth, FitImage, Pipeline, Targets, true vertices)."""
     model = morphableModel.load_model(config)
     generator = torch.Generator().manual_seed(0)
-    truth = pipeline.SceneParameters(
-        shape=0.7 * torch.randn(1, model.n_shape, generator=generator),
-        expression=0.5 * torch.randn(1, model.n_expression, generator=generator),
-        rotation=torch.tensor([[0.1, 0.35, 0.05]]), translation=torch.tensor([[5.0, 10.0, 900.0]]),
-        focal=torch.tensor([size * 3.0]), albedo=0.7 * torch.randn(1, model.n_albedo, generator=generator),
-        sh=torch.zeros(1, config.bands ** 2, 3))
+    truth = pipeline.SceneParameters.zeros(model, 1, 1, config.bands)
+    truth.identity = 0.7 * torch.randn(1, model.n_shape, generator=generator)
+    truth.expression = 0.5 * torch.randn(1, model.n_expression, generator=generator)
+    truth.rotation, truth.translation = torch.tensor([[0.1, 0.35, 0.05]]), torch.tensor([[5.0, 10.0, 900.0]])
+    truth.focal, truth.albedo = torch.tensor([size * 3.0]), 0.7 * torch.randn(1, model.n_albedo, generator=generator)
     truth.sh[0, 0], truth.sh[0, 1], truth.sh[0, 2] = 2.5, 0.8, 1.2
-    image, scene, vertices = synthetic.synthetic_photo(model, truth, config, size, background=0.2)
-    return model, truth, image, scene, vertices.numpy()
+    image, scene, targets, vertices = synthetic.synthetic_photo(model, truth, config, size, background=0.2)
+    return model, truth, image, scene, targets, vertices.numpy()
 
 
 def time_command_line(folder: str, image, config, args) -> None:
@@ -107,10 +84,10 @@ def time_command_line(folder: str, image, config, args) -> None:
     the detector knows no synthetic face) with the benchmark's model; print its wall time and
     peak memory (the fitted image is the 1.8x crop around the face, here 207 px)."""
     photo, landmark_file = os.path.join(folder, 'synthetic.png'), os.path.join(folder, 'synthetic.txt')
-    utils.save_image(photo, image.pixels)
+    results.save_image(photo, image.pixels)
     np.savetxt(landmark_file, image.landmarks)
     overrides = dict(path=config.path, landmarksAssociation=config.landmarksAssociation, device=args.device,
-                     rtTrainingSamples=args.spp, maxResolution=args.size, **dict(item.split('=', 1) for item in args.set))
+                     rtTrainingSamples=args.spp, maxResolution=args.size, **config_module.parse_overrides(args.set))
     argv = ['--input', photo, '--landmarks', landmark_file, '--output', os.path.join(folder, 'output')]
     for key, value in overrides.items():
         argv += ['--set', f'{key}={value}']
@@ -152,10 +129,10 @@ def main() -> None:
     config = config_module.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'optimConfig.ini'))
     config = config.replace(path=folder, landmarksAssociation=association, device=args.device,
                             rtTrainingSamples=args.spp, maxResolution=args.size,
-                            **dict(item.split('=', 1) for item in args.set))
+                            **config_module.parse_overrides(args.set))
     if args.iterations:
         config = config.replace(iterStep1=args.iterations[0], iterStep2=args.iterations[1], iterStep3=args.iterations[2])
-    model, truth, image, scene, true_vertices = synthetic_problem(config, args.size)
+    model, truth, image, scene, targets, true_vertices = synthetic_problem(config, args.size)
     print(f'model: {model.mean_shape.shape[0]} vertices, {model.faces.shape[0]} triangles, '
           f'{model.n_shape}/{model.n_expression}/{model.n_albedo} components; {args.size} px, '
           f'{config.rtTrainingSamples} spp, device {args.device}, {torch.get_num_threads()} torch threads')
@@ -163,25 +140,21 @@ def main() -> None:
     if args.cli:
         time_command_line(folder, image, config, args)
         return
-    rows = []
-    start = time.perf_counter()
-    params, lm_iterations = counted_landmark_fit(model, image, config)
-    rows.append(('stage 1', lm_iterations, (time.perf_counter() - start) / max(lm_iterations, 1),
-                 time.perf_counter() - start))
-    lm1 = optimizer.landmark_error(model, params, [image])[0]
+    landmark_error = lambda p: fitting.landmark_error(scene.landmarks(p, scene.vertices(p)), targets)[0]
+    (params, history), seconds = timed(lambda: fitting.fit_landmarks(model, targets, config, False))
+    rows = [stage_row('stage 1', history, seconds)]
+    lm1 = landmark_error(params)
     profile = cProfile.Profile() if args.profile else None
     if profile:
         profile.enable()
-    params, total, median, count = timed_iterations(lambda: optimizer.fit_stage2(scene, params))
-    rows.append(('stage 2', count, median, total))
-    params, total, median, count = timed_iterations(lambda: optimizer.fit_stage3(scene, params))
-    rows.append(('stage 3', count, median, total))
+    (params, history), seconds = timed(lambda: fitting.fit_stage2(scene, params, targets))
+    rows.append(stage_row('stage 2', history, seconds))
+    (params, history), seconds = timed(lambda: fitting.fit_stage3(scene, params, targets))
+    rows.append(stage_row('stage 3', history, seconds))
     if profile:
         profile.disable()
-    start = time.perf_counter()
     with torch.no_grad():
-        scene.render(params, 0, config.rtSamples, 5)
-    final_render = time.perf_counter() - start
+        _, final_render = timed(lambda: scene.render(params, 0, config.rtSamples, 5, scene.vertices(params)[0]))
 
     print(f'{"stage":<8} {"iterations":>10} {"median s/it":>12} {"total s":>9}')
     for name, count, median, total in rows:
@@ -193,10 +166,10 @@ def main() -> None:
         print_profile(profile, rows[1][3] + rows[2][3])
         return
     with torch.no_grad():
-        fitted_vertices = pipeline.model_vertices(model, params)[0].numpy()
-    print(f'landmark error: stage 1 {lm1:.2f} px, final {optimizer.landmark_error(model, params, [image])[0]:.2f} px')
-    print(f'photometric error (L1, linear): {optimizer.photometric_error(scene, params):.4f} '
-          f'(true parameters: {optimizer.photometric_error(scene, truth):.4f})')
+        fitted_vertices = scene.vertices(params)[0].numpy()
+    print(f'landmark error: stage 1 {lm1:.2f} px, final {landmark_error(params):.2f} px')
+    print(f'photometric error (L1, linear): {fitting.photometric_error(scene, params, targets):.4f} '
+          f'(true parameters: {fitting.photometric_error(scene, truth, targets):.4f})')
     print(f'vertex error after rigid alignment: {rigid_vertex_error(fitted_vertices, true_vertices):.2f} mm')
 
 

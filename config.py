@@ -169,6 +169,17 @@ def parse_config_text(text: str, source: str = '<config>') -> Config:
     return Config(**values)
 
 
+def parse_overrides(items: list) -> dict:
+    """``KEY=VALUE`` strings (``--set``) -> {key: value text}, validated by ``Config.replace``."""
+    overrides = {}
+    for item in items:
+        if '=' not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set textureResolution=1024")
+        key, value = item.split('=', 1)
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
 def load_config(path: str | None = None) -> Config:
     """Read the config file at ``path`` (``None``: the built-in defaults)."""
     if path is None:

@@ -2,9 +2,13 @@
 
 All detectors return landmarks [68, 2] as (x, y) pixel coordinates of the image they were given.
 """
+import contextlib
+import ctypes
 import os
+import sys
 
 import numpy as np
+from PIL import Image
 
 
 class LandmarkError(RuntimeError):
@@ -37,7 +41,6 @@ def _downscaled(image_uint8: np.ndarray):
     scale = min(1.0, DETECTION_RESOLUTION / max(image_uint8.shape[:2]))
     if scale == 1.0:
         return image_uint8, 1.0
-    from PIL import Image
     height, width = image_uint8.shape[:2]
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.asarray(Image.fromarray(image_uint8).resize(size, Image.BILINEAR)), size[0] / width
@@ -50,19 +53,43 @@ def _largest(faces: list) -> tuple:
     return faces[index], index
 
 
+@contextlib.contextmanager
+def native_logs_silenced():
+    """MediaPipe's C++ code and TensorFlow Lite write their log lines (``W0000 …
+    inference_feedback_manager``, ``Created TensorFlow Lite XNNPACK delegate``) straight to the
+    process's stderr, past Python (and partly through the C library's buffer): the command
+    prints only its own lines, so that file descriptor points at /dev/null meanwhile. Their
+    errors still arrive as Python exceptions."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)  # the C library buffers some of them: out to /dev/null too
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class MediapipeDetector:
     """MediaPipe's face mesh (legacy ``solutions.face_mesh``, bundled in mediapipe 0.10.21)."""
 
     def __init__(self, max_faces: int = 5):
-        import mediapipe
-        self._mesh = mediapipe.solutions.face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=max_faces, refine_landmarks=False,
-            min_detection_confidence=0.5)
+        with native_logs_silenced():
+            import mediapipe
+            self._mesh = mediapipe.solutions.face_mesh.FaceMesh(
+                static_image_mode=True, max_num_faces=max_faces, refine_landmarks=False,
+                min_detection_confidence=0.5)
+            # The graph opens its models in threads of its own, logging as it goes: one blank
+            # image waits for that while the logs still go to /dev/null.
+            self._mesh.process(np.zeros((64, 64, 3), np.uint8))
 
     def detect(self, image_uint8: np.ndarray) -> tuple:
         """[h, w, 3] uint8 RGB -> (landmarks [68, 2] of the largest face, number of faces found)."""
         small, scale = _downscaled(image_uint8)
-        result = self._mesh.process(np.ascontiguousarray(small))
+        with native_logs_silenced():
+            result = self._mesh.process(np.ascontiguousarray(small))
         if not result.multi_face_landmarks:
             return None, 0
         height, width = small.shape[:2]

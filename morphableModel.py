@@ -18,9 +18,12 @@ import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
 import torch
 
 import utils
+from config import Config
 
 BFM_FILE = 'model2017-1_face12_nomouth.h5'
 ALBEDO_FILE = 'albedoModel2020_face12_albedoPart.h5'
@@ -120,6 +123,96 @@ class MorphableModel:
         return dataclasses.replace(self, **{
             f.name: getattr(self, f.name).to(device)
             for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+# --------------------------------------------------------------------------- the UV map
+
+def boundary_loops(faces: np.ndarray) -> list:
+    """Closed boundary loops of a triangle mesh, each an ordered array of vertex indices."""
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    unique, counts = np.unique(np.sort(edges, axis=1), axis=0, return_counts=True)
+    boundary = {tuple(e) for e in unique[counts == 1]}
+    following = {a: b for a, b in edges if (min(a, b), max(a, b)) in boundary}  # keeps mesh winding
+    loops, seen = [], set()
+    for start in following:
+        if start in seen:
+            continue
+        loop, vertex = [], start
+        while vertex not in seen:
+            seen.add(vertex)
+            loop.append(vertex)
+            vertex = following[vertex]
+        loops.append(np.array(loop))
+    return loops
+
+
+def _mean_value_weights(vertices: np.ndarray, faces: np.ndarray) -> scipy.sparse.csr_matrix:
+    """Floater's mean-value weights w_ij = (tan(α/2) + tan(β/2)) / |v_i - v_j|, always positive."""
+    rows, cols, values = [], [], []
+    for k in range(3):
+        i, j, l = faces[:, k], faces[:, (k + 1) % 3], faces[:, (k + 2) % 3]
+        e_ij, e_il = vertices[j] - vertices[i], vertices[l] - vertices[i]
+        len_ij, len_il = np.linalg.norm(e_ij, axis=1), np.linalg.norm(e_il, axis=1)
+        cos_angle = np.einsum('tc,tc->t', e_ij, e_il) / np.maximum(len_ij * len_il, 1e-20)
+        tan_half = np.tan(np.arccos(np.clip(cos_angle, -1.0, 1.0)) / 2)
+        rows += [i, i]
+        cols += [j, l]
+        values += [tan_half / np.maximum(len_ij, 1e-20), tan_half / np.maximum(len_il, 1e-20)]
+    n = len(vertices)
+    return scipy.sparse.coo_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
+                                   shape=(n, n)).tocsr()
+
+
+def face_uv_map(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """A bijective, low-distortion UV map of a disk-like face mesh into the unit square [verts, 2].
+
+    Tutte embedding with mean-value weights (Floater 2003): the outer boundary goes to a circle by
+    arc length, every inner vertex to the weighted mean of its neighbours. With a convex boundary
+    and positive weights no triangle flips. Holes (eyes, mouth) are closed by a virtual centre
+    vertex first. The boundary starts at the top of the face midline and u grows with x, v with -y
+    (OBJ convention), so a mirror-symmetric face gets a map symmetric about u = 0.5.
+    """
+    vertices = np.asarray(vertices, np.float64)
+    loops = sorted(boundary_loops(faces), key=len)
+    if not loops:
+        raise ValueError('the mesh has no boundary: a UV map needs a disk-like face mesh')
+    outer, holes = loops[-1], loops[:-1]
+    all_vertices, all_faces = [vertices], [faces]
+    for hole in holes:  # fan-fill each hole around a new vertex at its centroid
+        centre = len(np.concatenate(all_vertices))
+        all_vertices.append(vertices[hole].mean(axis=0, keepdims=True))
+        all_faces.append(np.stack([np.roll(hole, -1), hole, np.full(len(hole), centre)], axis=1))
+    points, triangles = np.concatenate(all_vertices), np.concatenate(all_faces)
+    n = len(points)
+
+    start = np.argmin(points[outer, 1] + 1e-3 * np.abs(points[outer, 0]))  # top of the midline
+    outer = np.roll(outer, -start)
+    segment = np.linalg.norm(points[np.roll(outer, -1)] - points[outer], axis=1)
+    arc = np.concatenate([[0.0], np.cumsum(segment)[:-1]]) / segment.sum()
+    angle = np.pi / 2 + 2 * np.pi * arc
+    uv = np.zeros((n, 2))
+    uv[outer] = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+
+    weights = _mean_value_weights(points, triangles)
+    inner = np.setdiff1d(np.unique(triangles), outer)  # vertices in no triangle stay at the centre
+    laplacian = scipy.sparse.diags(np.asarray(weights.sum(axis=1)).ravel()) - weights
+    lhs = laplacian[inner][:, inner].tocsc()
+    rhs = -laplacian[inner][:, outer] @ uv[outer]
+    uv[inner] = np.stack([scipy.sparse.linalg.spsolve(lhs, rhs[:, c]) for c in range(2)], axis=1)
+
+    uv = uv[:len(vertices)]
+    if np.corrcoef(uv[:, 0], vertices[:, 0])[0, 1] < 0:  # boundary ran the mirrored way round
+        uv[:, 0] = -uv[:, 0]
+    return (0.5 + 0.49 * uv).astype(np.float32)
+
+
+def uv_area_distortion(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, uv_faces: np.ndarray):
+    """Signed UV areas [tris] and each triangle's area ratio (UV share / 3D share) [tris]."""
+    area_3d = np.linalg.norm(utils.face_normals_np(vertices, faces), axis=1) / 2
+    a, b, c = (uvs[uv_faces[:, k]] for k in range(3))
+    signed_uv = ((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])) / 2
+    ratio = (np.abs(signed_uv) / np.abs(signed_uv).sum()) / (area_3d / area_3d.sum())
+    return signed_uv, ratio
 
 
 # ---------------------------------------------------------------------------------- the cache
@@ -274,7 +367,7 @@ def _canonical_model(name, mean_shape, shape_basis, expression_basis, faces, uvs
         faces = faces[:, ::-1]
         uv_faces = None if uv_faces is None else uv_faces[:, ::-1]
     if uvs is None:
-        uvs, uv_faces = utils.face_uv_map(mean_shape, faces), faces
+        uvs, uv_faces = face_uv_map(mean_shape, faces), faces
     tensor = lambda a, dtype=torch.float32: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
     return MorphableModel(
         name=name, mean_shape=tensor(mean_shape), shape_basis=tensor(shape_basis),
@@ -391,7 +484,7 @@ def load_ict(path: str, association_file: str = '') -> MorphableModel:
 TRIM_SHAPE, TRIM_ALBEDO = 80, 80
 
 
-def load_model(config) -> MorphableModel:
+def load_model(config: Config) -> MorphableModel:
     """The model named by ``config.model`` from ``config.path``, trimmed if ``config.trimPca``."""
     loader = {'bfm2017': load_bfm2017, 'ict': load_ict}[config.model]
     model = loader(config.path, config.landmarksAssociation)

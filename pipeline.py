@@ -1,15 +1,36 @@
-"""Scene parameters shared by all stages, and the path parameters -> camera-space vertices -> pixels.
+"""The path from scene parameters to vertices, maps and images, and the parameters themselves.
 
 Camera conventions (fixed for every output): camera coordinates x right, y down, z forward, mm;
 a point (x, y, z) projects to pixel (f·x/z + w/2, f·y/z + h/2) of the fitted image, f in pixels.
 Pose maps the canonical model (see ``morphableModel``) to the camera: X_cam = R(rotation) X + t.
+
+``Pipeline`` wraps the morphable model, the SH light and one renderer per image; ``decode``
+turns ``SceneParameters`` into everything the losses and the result writers consume.
 """
-import json
+import math
+import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
+import scipy.ndimage
+import scipy.sparse
 import torch
+from scipy.spatial.transform import Rotation
 
+import renderer
+import utils
+from config import Config
+from morphableModel import MorphableModel
+from sphericalharmonics import EnvironmentMap, constant_light
+
+# Roughness (GGX α) of the maps before stage 3 fits them per texel.
+INITIAL_ROUGHNESS = 0.45
+# Margin around the face's projected bounding box that is ray traced, as a fraction of the image
+# size: room for the pose and shape to move in stages 2 and 3.
+FACE_CROP_MARGIN = 0.08
+
+
+# ------------------------------------------------------------------------------ camera math
 
 def rotation_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
     """Rodrigues' formula, [n, 3] axis-angle (radians) -> [n, 3, 3]; smooth through zero."""
@@ -27,7 +48,6 @@ def rotation_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
 
 def axis_angle_from_matrix(matrix: np.ndarray) -> np.ndarray:
     """[3, 3] rotation -> [3] axis-angle."""
-    from scipy.spatial.transform import Rotation
     return Rotation.from_matrix(matrix).as_rotvec()
 
 
@@ -42,10 +62,18 @@ def project(points: torch.Tensor, focal: torch.Tensor, centre: torch.Tensor) -> 
     return focal[:, None, None] * points[..., :2] / z[..., None] + centre[:, None, :]
 
 
+def image_centres(sizes: list, dtype=torch.float32) -> torch.Tensor:
+    """Image sizes [(w, h)] -> centres (w/2, h/2) [n, 2], the principal points of ``project``."""
+    return torch.tensor([(width / 2, height / 2) for width, height in sizes], dtype=dtype)
+
+
+# ------------------------------------------------------------------------- scene parameters
+
 @dataclass
 class SceneParameters:
-    """Everything a fit estimates. ``n`` images; identity tensors have 1 row with a shared identity."""
-    shape: torch.Tensor        # [n_id, n_shape] identity coefficients, prior N(0, 1)
+    """Everything a fit estimates. ``n`` images; identity tensors have 1 row with a shared identity.
+    It is also the checkpoint: ``save`` and ``load`` write and read all of it."""
+    identity: torch.Tensor     # [n_id, n_shape] identity shape coefficients, prior N(0, 1)
     expression: torch.Tensor   # [n, n_expr], prior N(0, 1)
     rotation: torch.Tensor     # [n, 3] axis-angle, radians
     translation: torch.Tensor  # [n, 3] mm
@@ -54,57 +82,273 @@ class SceneParameters:
     sh: torch.Tensor           # [n, bands², 3] spherical-harmonics light, linear RGB
     diffuse_map: torch.Tensor = None    # [n_id, res, res, 3] per-texel diffuse albedo (stage 3)
     specular_map: torch.Tensor = None   # [n_id, res, res, 3]
-    roughness_map: torch.Tensor = None  # [n_id, res, res, 1]
+    roughness_map: torch.Tensor = None  # [n_id, res, res, 1] GGX α
     stage: int = 0                      # the last stage that finished
 
-    def identity_index(self, image: int) -> int:
-        """Row of the identity tensors that belongs to ``image``."""
-        return 0 if self.shape.shape[0] == 1 else image
+    @staticmethod
+    def zeros(model: MorphableModel, n_images: int, n_identities: int, bands: int) -> 'SceneParameters':
+        """The mean face at the camera's origin, no light: fill in what a test or a stage knows."""
+        return SceneParameters(
+            identity=torch.zeros(n_identities, model.n_shape), expression=torch.zeros(n_images, model.n_expression),
+            rotation=torch.zeros(n_images, 3), translation=torch.zeros(n_images, 3), focal=torch.zeros(n_images),
+            albedo=torch.zeros(n_identities, model.n_albedo), sh=torch.zeros(n_images, bands ** 2, 3))
 
-    def tensors(self) -> dict:
+    @property
+    def n_images(self) -> int:
+        return self.expression.shape[0]
+
+    @property
+    def shared_identity(self) -> bool:
+        return self.identity.shape[0] == 1 and self.n_images > 1
+
+    def identity_row(self, image: int) -> int:
+        """Row of the identity tensors that belongs to image row ``image``."""
+        return 0 if self.identity.shape[0] == 1 else image
+
+    def for_image(self, image: int) -> 'SceneParameters':
+        """The parameters of image row ``image`` alone (its identity rows picked accordingly)."""
+        row = self.identity_row(image)
+        per_identity = ('identity', 'albedo', 'diffuse_map', 'specular_map', 'roughness_map')
+        pick = lambda name, t: None if t is None else t[(row if name in per_identity else image):][:1]
+        return SceneParameters(**{name: pick(name, t) for name, t in self.tensors(with_none=True).items()},
+                               stage=self.stage)
+
+    def tensors(self, with_none: bool = False) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)}
+                if f.name != 'stage' and (with_none or getattr(self, f.name) is not None)}
 
     def detached(self) -> 'SceneParameters':
         """A copy that shares no autograd graph with this one."""
-        return SceneParameters(**{**{f.name: getattr(self, f.name) for f in fields(self)},
-                                  **{k: v.detach().clone() for k, v in self.tensors().items()}})
+        return SceneParameters(**{k: v.detach().clone() for k, v in self.tensors().items()}, stage=self.stage)
 
     def save(self, path: str) -> None:
         """All tensors to a ``.pt`` checkpoint (atomically)."""
-        import utils
         with utils.atomic_path(path) as temporary:
             torch.save({**self.tensors(), 'stage': self.stage}, temporary)
 
     @staticmethod
     def load(path: str) -> 'SceneParameters':
         data = torch.load(path, map_location='cpu', weights_only=True)
+        if 'shape' in data:  # checkpoints written before the identity was named so
+            data['identity'] = data.pop('shape')
         return SceneParameters(**data)
 
 
-def model_vertices(model, params: SceneParameters) -> torch.Tensor:
+# --------------------------------------------------------------------- per-vertex -> texels
+
+def uv_triangle_of_texels(uvs: np.ndarray, uv_faces: np.ndarray, resolution: int) -> np.ndarray:
+    """The UV triangle that holds each texel centre [res, res] (-1 for none), by rasterising
+    every triangle over the texels of its bounding box (row 0 at v = 1)."""
+    corners = np.stack([uvs[uv_faces][..., 0] * resolution - 0.5,
+                        (1 - uvs[uv_faces][..., 1]) * resolution - 0.5], axis=-1)  # [tris, 3, (col, row)]
+    low = np.clip(np.ceil(corners.min(1)), 0, resolution).astype(np.int64)
+    high = np.clip(np.floor(corners.max(1)), -1, resolution - 1).astype(np.int64)
+    extent = np.maximum(high - low + 1, 0)  # [tris, 2] texels in the bounding box
+    count = extent[:, 0] * extent[:, 1]
+    tri = np.repeat(np.arange(len(uv_faces)), count)
+    k = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    col = low[tri, 0] + k % extent[tri, 0]
+    row = low[tri, 1] + k // extent[tri, 0]
+    a, b, c = corners[tri, 0], corners[tri, 1], corners[tri, 2]  # [candidates, 2]
+    edge = lambda p, q: (q[:, 0] - p[:, 0]) * (row - p[:, 1]) - (q[:, 1] - p[:, 1]) * (col - p[:, 0])
+    e0, e1, e2 = edge(a, b), edge(b, c), edge(c, a)
+    eps = 1e-9
+    inside = ((e0 >= -eps) & (e1 >= -eps) & (e2 >= -eps)) | ((e0 <= eps) & (e1 <= eps) & (e2 <= eps))
+    result = np.full((resolution, resolution), -1, np.int64)
+    result[row[inside], col[inside]] = tri[inside]
+    return result
+
+
+def texel_interpolation(uvs: np.ndarray, uv_faces: np.ndarray, faces: np.ndarray, resolution: int) -> tuple:
+    """The linear map from per-vertex values to a UV texture: (sparse [res·res, verts], mask of
+    the texels inside the UV map [res, res]).
+
+    Texel (row, col) has its centre at u = (col + ½)/res, v = 1 − (row + ½)/res (row 0 on top, as
+    the map images are saved). Its value interpolates the three vertices of the UV triangle that
+    holds it, barycentrically; texels outside every triangle copy the nearest inside texel, so
+    bilinear lookups near the UV boundary and seams do not bleed in black."""
+    n_vertices = int(faces.max()) + 1
+    centres = (np.arange(resolution) + 0.5) / resolution
+    u, v = np.meshgrid(centres, 1 - centres)
+    triangle = uv_triangle_of_texels(uvs, uv_faces, resolution).ravel()  # [res·res], -1 outside
+    inside = triangle >= 0
+    if not inside.any():
+        raise ValueError('the UV map covers no texel')
+    _, nearest = scipy.ndimage.distance_transform_edt(~inside.reshape(resolution, resolution), return_indices=True)
+    source = (nearest[0] * resolution + nearest[1]).ravel()  # each texel -> an inside texel
+    triangle = triangle[source]
+    corners = uvs[uv_faces[triangle]]  # [res·res, 3, 2]
+    points = np.stack([u.ravel(), v.ravel()], axis=1)[source]
+    e1, e2, p = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], points - corners[:, 0]
+    determinant = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+    b1 = (p[:, 0] * e2[:, 1] - p[:, 1] * e2[:, 0]) / determinant
+    b2 = (e1[:, 0] * p[:, 1] - e1[:, 1] * p[:, 0]) / determinant
+    weights = np.clip(np.stack([1 - b1 - b2, b1, b2], axis=1), 0, 1)
+    weights /= weights.sum(axis=1, keepdims=True)
+    rows = np.repeat(np.arange(resolution * resolution), 3)
+    matrix = scipy.sparse.csr_matrix((weights.ravel(), (rows, faces[triangle].ravel())),
+                                     shape=(resolution * resolution, n_vertices))
+    return matrix, inside.reshape(resolution, resolution)
+
+
+class _SparseProduct(torch.autograd.Function):
+    """matrix @ x with the transpose kept in CSR too: torch's own backward of a sparse COO
+    product transposes and converts on every call (0.10 s per call for a 512² map of 28.8k
+    vertices on this project's CPU, most of a step's texture cost)."""
+
+    @staticmethod
+    def forward(ctx, matrix, transposed, x):
+        ctx.transposed = transposed
+        return matrix @ x
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return None, None, ctx.transposed @ gradient
+
+
+def sparse_linear_map(matrix: scipy.sparse.spmatrix):
+    """A scipy sparse matrix [m, n] -> a differentiable function x [n, c] -> [m, c]."""
+    def to_csr(m):
+        m = m.tocsr()
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', 'Sparse CSR tensor support is in beta')
+            warnings.filterwarnings('ignore', 'Sparse invariant checks are implicitly disabled')
+            return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                           torch.from_numpy(m.indices.astype(np.int64)),
+                                           torch.from_numpy(m.data.astype(np.float32)), m.shape,
+                                           check_invariants=False)
+    forward, transposed = to_csr(matrix), to_csr(matrix.T)
+    return lambda x: _SparseProduct.apply(forward, transposed, x)
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+class Pipeline:
+    """Scene parameters -> vertices, landmarks, reflectance maps, light and ray-traced images.
+
+    ``sizes`` [(w, h)] are the fitted images' sizes: one renderer per image, built on its first
+    render. One per image, as prb's backward pass re-reads the scene's parameters: a scene
+    shared by two renders of one loss would differentiate the first with the second's."""
+
+    def __init__(self, model: MorphableModel, config: Config, sizes: list, crop_to_face: bool = True):
+        self.model, self.config, self.sizes = model, config, list(sizes)
+        self.centres = image_centres(self.sizes)  # [n, 2]
+        self.crop_to_face = crop_to_face  # ray trace only around the face (see ``renderer``)
+        self._renderers = {}
+        matrix, self.texel_mask = texel_interpolation(
+            model.uvs.numpy(), model.uv_faces.numpy(), model.faces.numpy(), config.textureResolution)
+        self._texels = sparse_linear_map(matrix)  # [verts, c] -> [res·res, c]
+        self.envmap = EnvironmentMap(config.bands, config.envMapRes, config.smoothSh)
+
+    # geometry
+    def vertices(self, params: SceneParameters) -> torch.Tensor:
+        """Camera-space vertices [n, verts, 3] of every image."""
+        return model_vertices(self.model, params)
+
+    def landmarks(self, params: SceneParameters, vertices: torch.Tensor) -> torch.Tensor:
+        """The model's 68 landmarks in pixels [n, 68, 2] (rows of iBUG points without a vertex
+        hold vertex 0: weigh them out with ``fitting.Targets.landmark_weights``)."""
+        return project(vertices[:, self.model.landmark_vertices.clamp_min(0)], params.focal, self.centres)
+
+    # reflectance and light
+    def vertex_texture(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-vertex values [verts, c] -> UV map [res, res, c]."""
+        res = self.config.textureResolution
+        return self._texels(values).reshape(res, res, -1)
+
+    def statistical_maps(self, params: SceneParameters, identity: int) -> tuple:
+        """The diffuse and specular maps [res, res, 3] of the statistical albedo of identity row
+        ``identity``."""
+        coefficients = params.albedo[identity:identity + 1]
+        diffuse = self.model.diffuse_albedo(coefficients)[0].clamp(0, 1)
+        specular = self.model.specular_albedo(coefficients)[0].clamp(0, 1)
+        return self.vertex_texture(diffuse), self.vertex_texture(specular)
+
+    def maps(self, params: SceneParameters, identity: int) -> tuple:
+        """(diffuse [res, res, 3], specular [res, res, 3], roughness [res, res, 1]) of identity
+        row ``identity``: per-texel from stage 3 on, else the statistical albedo with a uniform
+        roughness."""
+        if params.diffuse_map is not None:
+            return params.diffuse_map[identity], params.specular_map[identity], params.roughness_map[identity]
+        diffuse, specular = self.statistical_maps(params, identity)
+        return diffuse, specular, torch.full((*diffuse.shape[:2], 1), INITIAL_ROUGHNESS)
+
+    def initial_light(self, params: SceneParameters, photos: list) -> torch.Tensor:
+        """Uniform SH light [n, bands², 3] that makes the mean albedo match each photo's mean face
+        colour (``photos``: linear [h, w, 3] per image)."""
+        vertices = self.vertices(params)
+        lights = []
+        for row, photo in enumerate(photos):
+            with torch.no_grad():
+                rendered = self.render(params, row, spp=4, seed=0, vertices=vertices[row])
+            alpha = rendered[..., 3:] > 0.5
+            photo_mean = (photo * alpha).sum((0, 1)) / alpha.sum().clamp_min(1)
+            albedo_mean = self.model.diffuse_mean.mean(0)
+            lights.append(constant_light(self.config.bands, photo_mean / albedo_mean.clamp_min(0.05)))
+        return torch.stack(lights)
+
+    # images
+    def renderer(self, row: int, vertices: torch.Tensor = None, focal: float = None) -> renderer.FaceRenderer:
+        """The renderer of image row ``row``, built once. Given the geometry of its first use
+        (``vertices`` [verts, 3], ``focal``), it ray traces only the face's bounding box and a
+        margin: the loss sees only face pixels, and the background is half the image."""
+        if row not in self._renderers:
+            width, height = self.sizes[row]
+            crop = None
+            if vertices is not None and self.crop_to_face:
+                pixels = project(vertices.detach()[None], torch.tensor([focal]), self.centres[row:row + 1])[0]
+                margin = FACE_CROP_MARGIN * max(width, height)
+                low = torch.floor(pixels.min(0).values - margin).clamp_min(0)
+                high = torch.ceil(pixels.max(0).values + margin).clamp_max(torch.tensor([width, height]))
+                if bool((high - low >= 8).all()):
+                    crop = (*low.int().tolist(), *high.int().tolist())
+            config = self.config
+            self._renderers[row] = renderer.FaceRenderer(
+                self.model.faces, self.model.uv_faces, self.model.uvs, width, height, config.textureResolution,
+                config.envMapRes, config.device, config.integrator, crop)
+        return self._renderers[row]
+
+    def render(self, params: SceneParameters, row: int, spp: int, seed: int, vertices: torch.Tensor) -> torch.Tensor:
+        """RGBA render [h, w, 4] (linear colour) of image row ``row`` with its camera-space
+        ``vertices`` [verts, 3] (the fitted ones, or any others: a turntable's)."""
+        normals = utils.vertex_normals(vertices[None], self.model.faces)[0]
+        diffuse, specular, roughness = self.maps(params, params.identity_row(row))
+        envmap = self.envmap(params.sh[row:row + 1])[0]
+        focal = float(params.focal[row])
+        return self.renderer(row, vertices, focal).render(vertices, normals, diffuse, specular, roughness,
+                                                          envmap, focal, spp, seed)
+
+    def decode(self, params: SceneParameters) -> dict:
+        """Everything the result writers need, computed once (no gradients):
+        vertices [n, verts, 3] (camera frame) and their pixels [n, verts, 2], landmarks [n, 68, 2]
+        (px), per identity row the maps (diffuse, specular, roughness) [res, res, 3|3|1] (linear),
+        envmaps [n, rows, 2·rows, 3]."""
+        with torch.no_grad():
+            vertices = self.vertices(params)
+            return dict(vertices=vertices, vertex_pixels=project(vertices, params.focal, self.centres),
+                        landmarks=self.landmarks(params, vertices),
+                        maps=[self.maps(params, k) for k in range(params.identity.shape[0])],
+                        envmaps=self.envmap(params.sh))
+
+    def turntable(self, params: SceneParameters, row: int, vertices: torch.Tensor, frames: int,
+                  degrees: float, spp: int) -> list:
+        """The head of image row ``row`` (``vertices`` [verts, 3]) turning ±``degrees`` about its
+        vertical axis through its centre, in its fitted light -> RGBA renders [h, w, 4]."""
+        centre = vertices.mean(0)
+        renders = []
+        with torch.no_grad():
+            for k in range(frames):
+                angle = math.radians(degrees) * math.sin(2 * math.pi * k / frames)
+                turn = rotation_matrix(torch.tensor([[0.0, angle, 0.0]]))[0]
+                renders.append(self.render(params, row, spp, k, (vertices - centre) @ turn.T + centre))
+        return renders
+
+    def uv_image(self, row: int, vertices: torch.Tensor, focal: float) -> torch.Tensor:
+        """The texture coordinate seen by each pixel of image row ``row`` [h, w, 2] (v up)."""
+        return self.renderer(row, vertices, focal).uv_image(vertices, focal)
+
+
+def model_vertices(model: MorphableModel, params: SceneParameters) -> torch.Tensor:
     """Camera-space vertices [n, verts, 3] of every image."""
-    n = params.expression.shape[0]
-    shape = params.shape.expand(n, -1) if params.shape.shape[0] == 1 else params.shape
-    canonical = model.vertices(shape, params.expression)
-    return to_camera(canonical, params.rotation, params.translation)
-
-
-def params_json(params: SceneParameters, image: int, width: int, height: int, scale: float, crop: tuple,
-                source: str, model_name: str) -> str:
-    """``params{i}.json``: focal, fitted image size, its scale and crop from the input, pose and all
-    coefficients of one image. Input pixel = crop + fitted pixel / scale."""
-    identity = params.identity_index(image)
-    as_list = lambda t: t.detach().cpu().numpy().astype(float).round(7).tolist()
-    record = dict(
-        source=source, model=model_name, stage=params.stage,
-        width=width, height=height, scale=scale, crop=[int(c) for c in crop], focal=float(params.focal[image]),
-        rotation=as_list(params.rotation[image]),
-        rotation_matrix=as_list(rotation_matrix(params.rotation[image:image + 1])[0]),
-        translation=as_list(params.translation[image]),
-        shape=as_list(params.shape[identity]), expression=as_list(params.expression[image]),
-        albedo=as_list(params.albedo[identity]), sh=as_list(params.sh[image]),
-        conventions='camera x right, y down, z forward, mm; pixel = (f*x/z + w/2, f*y/z + h/2); '
-                    'X_cam = R X_model + t, R from the axis-angle rotation; coefficients are in '
-                    'units of their standard deviation')
-    return json.dumps(record, indent=1)
+    identity = params.identity.expand(params.n_images, -1) if params.identity.shape[0] == 1 else params.identity
+    return to_camera(model.vertices(identity, params.expression), params.rotation, params.translation)

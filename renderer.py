@@ -133,7 +133,8 @@ class FaceRenderer:
         self._uv_integrator = mi.load_dict({'type': 'aov', 'aovs': 'uv:uv'})
 
     def _make_wrapped_render(self):
-        mi, dr = self.mi, __import__('drjit')
+        import drjit as dr  # heavy: imported with Mitsuba, when a renderer is made
+        mi = self.mi
         params, keys = self.params, self.keys
 
         @dr.wrap(source='torch', target='drjit')

@@ -1,4 +1,4 @@
-"""Real spherical harmonics light: basis, lat-long environment maps, saving.
+"""Real spherical harmonics light: basis and lat-long environment maps.
 
 Directions are in the camera frame (x right, y down, z forward). The SH polar axis is "up"
 (-y). Environment maps are lat-long images [rows, 2·rows, 3] with row 0 looking up, laid out
@@ -83,16 +83,3 @@ def constant_light(bands: int, radiance) -> torch.Tensor:
     sh = torch.zeros(bands ** 2, 3)
     sh[0] = torch.as_tensor(radiance, dtype=torch.float32) * math.sqrt(4 * math.pi)
     return sh
-
-
-def save_envmap(path: str, radiance: np.ndarray) -> None:
-    """[rows, 2·rows, 3] linear radiance -> EXR (as is) or PNG (scaled to its 99th percentile, sRGB)."""
-    import utils
-    radiance = np.clip(np.nan_to_num(radiance), 0, None)
-    if path.lower().endswith('.exr'):
-        import mitsuba as mi
-        with utils.atomic_path(path) as temporary:
-            mi.Bitmap(radiance.astype(np.float32)).write(temporary)
-        return
-    peak = max(float(np.percentile(radiance, 99)), 1e-8)
-    utils.save_image(path, utils.linear_to_srgb(radiance / peak))

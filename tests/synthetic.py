@@ -13,7 +13,11 @@ import h5py
 import numpy as np
 import torch
 
+import fitting
 import morphableModel
+import results
+from photos import FitImage
+from pipeline import Pipeline
 
 FACE_HALF_WIDTH, FACE_HALF_HEIGHT, FACE_DEPTH = 75.0, 100.0, 60.0
 
@@ -145,17 +149,13 @@ def write_bfm(folder: str, rings: int = 20, segments: int = 40, n_shape: int = 1
 
 def synthetic_photo(model, truth, config, size: int, background: float):
     """A photo of ``truth`` (one image, camera at the centre of a size² px image), ray traced at
-    256 spp over a grey ``background`` -> (FitImage with the true landmarks, its AppearanceScene,
-    true camera-space vertices [verts, 3])."""
-    import optimizer
-    import pipeline
-    vertices = pipeline.model_vertices(model, truth)
-    landmarks = pipeline.project(vertices[:, model.landmark_vertices], truth.focal,
-                                 torch.tensor([[size / 2, size / 2]]))[0].numpy()
-    image = optimizer.FitImage(0, 'synthetic', np.zeros((size, size, 3), np.float32), 1.0, landmarks)
-    scene = optimizer.AppearanceScene(model, [image], config)
+    256 spp over a grey ``background`` -> (FitImage with the true landmarks, its Pipeline, its
+    fitting Targets, true camera-space vertices [verts, 3])."""
+    pipeline = Pipeline(model, config, [(size, size)])
+    vertices = pipeline.vertices(truth)
+    landmarks = pipeline.landmarks(truth, vertices)[0].numpy()
     with torch.no_grad():
-        rendered = scene.render(truth, 0, 256, 1).numpy()
-    image.pixels = np.clip(optimizer._composite(rendered, np.full((size, size, 3), background)), 0, 1).astype(np.float32)
-    scene.set_photos()
-    return image, scene, vertices[0]
+        rendered = pipeline.render(truth, 0, 256, 1, vertices[0]).numpy()
+    pixels = np.clip(results.composite(rendered, np.full((size, size, 3), background)), 0, 1).astype(np.float32)
+    image = FitImage(0, 'synthetic', pixels, 1.0, landmarks)
+    return image, pipeline, fitting.Targets.of(model, [image]), vertices[0]

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import config
+import fitting
 import morphableModel
-import optimizer
 import pipeline
 import synthetic
 
@@ -23,17 +23,17 @@ def fitted(small_bfm, render_device):
     cfg = config.Config().replace(bands=3, envMapRes=16, textureResolution=256, rtTrainingSamples=8,
                                   iterStep2=120, iterStep3=30, maxResolution=SIZE,
                                   weightLandmarksLossStep2=0.01, device=render_device)
-    truth = pipeline.SceneParameters(
-        shape=torch.zeros(1, model.n_shape), expression=torch.zeros(1, model.n_expression),
-        rotation=torch.tensor([[0.05, 0.25, 0.0]]), translation=torch.tensor([[0.0, 0.0, 700.0]]),
-        focal=torch.tensor([3.0 * SIZE]), albedo=0.5 * torch.ones(1, model.n_albedo), sh=torch.zeros(1, 9, 3))
+    truth = pipeline.SceneParameters.zeros(model, 1, 1, bands=3)
+    truth.rotation, truth.translation = torch.tensor([[0.05, 0.25, 0.0]]), torch.tensor([[0.0, 0.0, 700.0]])
+    truth.focal, truth.albedo = torch.tensor([3.0 * SIZE]), 0.5 * torch.ones(1, model.n_albedo)
     # light from the front (-z: Y_1-1 < 0), above (Y_10 > 0) and the right (Y_11 > 0), white
     truth.sh[0, :4] = torch.tensor([2.2, -0.8, 0.7, 0.6])[:, None]
-    image, scene, _ = synthetic.synthetic_photo(model, truth, cfg, SIZE, background=0.3)
-    stage1 = optimizer.fit_landmarks(model, [image], cfg, shared_identity=False)
-    stage2 = optimizer.fit_stage2(scene, stage1)
-    stage3 = optimizer.fit_stage3(scene, stage2)
-    return dict(scene=scene, truth=truth, stage1=stage1, stage2=stage2, stage3=stage3)
+    image, scene, targets, _ = synthetic.synthetic_photo(model, truth, cfg, SIZE, background=0.3)
+    stage1, _ = fitting.fit_landmarks(model, targets, cfg, shared_identity=False)
+    stage2, history2 = fitting.fit_stage2(scene, stage1, targets)
+    stage3, history3 = fitting.fit_stage3(scene, stage2, targets)
+    return dict(scene=scene, targets=targets, truth=truth, stage1=stage1, stage2=stage2, stage3=stage3,
+                history2=history2, history3=history3)
 
 
 def test_stage2_recovers_the_light_direction(fitted):
@@ -47,13 +47,13 @@ def test_stage2_recovers_the_light_direction(fitted):
 def test_photometric_error_approaches_that_of_the_truth(fitted):
     """The fit's L1 error is within 1.5x (+0.01) of the true parameters' (Monte Carlo noise) and
     well below the error of the stage-1 start under a uniform light."""
-    scene = fitted['scene']
-    truth = optimizer.photometric_error(scene, fitted['truth'])
+    scene, targets = fitted['scene'], fitted['targets']
+    truth = fitting.photometric_error(scene, fitted['truth'], targets)
     start = fitted['stage1'].detached()
-    start.sh = optimizer.initial_light(scene, start)
-    initial = optimizer.photometric_error(scene, start)
+    start.sh = scene.initial_light(start, targets.photos)
+    initial = fitting.photometric_error(scene, start, targets)
     for stage in ('stage2', 'stage3'):
-        error = optimizer.photometric_error(scene, fitted[stage])
+        error = fitting.photometric_error(scene, fitted[stage], targets)
         assert error < 1.5 * truth + 0.01, (stage, error, truth)
         assert error < 0.6 * initial, (stage, error, initial)
 
@@ -66,3 +66,14 @@ def test_stage3_maps_are_valid_and_stay_near_the_statistical_albedo(fitted):
     statistical, _ = fitted['scene'].statistical_maps(fitted['stage2'], 0)
     mask = torch.from_numpy(fitted['scene'].texel_mask)
     assert float((p.diffuse_map[0][mask] - statistical[mask]).abs().mean()) < 0.05
+
+
+def test_the_loops_return_every_weighted_term_by_name(fitted):
+    """The history holds each step's weighted loss terms; the photometric term falls."""
+    history2, history3 = fitted['history2'], fitted['history3']
+    assert len(history2) == 120 and len(history3) == 30
+    assert set(history2[0]) == {'photo', 'landmarks', 'identity_prior', 'expression_prior', 'albedo_prior', 'seconds'}
+    assert set(history3[0]) == {'photo', 'diffuse_regularizer', 'specular_regularizer', 'roughness_regularizer',
+                                'seconds'}
+    first, last = (sum(step['photo'] for step in steps) / 10 for steps in (history2[:10], history2[-10:]))
+    assert last < 0.8 * first, (first, last)

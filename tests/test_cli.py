@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import optimizer
+import results
 from conftest import SHARED
 
 
@@ -62,7 +63,7 @@ def test_end_to_end_on_a_real_photo_writes_every_output(ict_folder, astronaut, t
     status, out = run(['--output', str(tmp_path), '--replay'] + ict_args(ict_folder, 50, 3, 2), capsys)
     assert status == 0 and 'turntable_0.gif (stage 3)' in out, out
     gif = Image.open(tmp_path / 'turntable_0.gif')
-    assert gif.n_frames == optimizer.TURNTABLE_FRAMES and gif.size == (params['width'], params['height'])
+    assert gif.n_frames == results.TURNTABLE_FRAMES and gif.size == (params['width'], params['height'])
 
 
 def test_a_batch_goes_on_past_bad_images(ict_folder, tmp_path, capsys):
@@ -191,11 +192,10 @@ def test_rgba_and_partial_face_photos(ict_folder, tmp_path, capsys, name, note):
 
 def test_a_full_disk_fails_the_image_with_a_clear_message(ict_folder, astronaut, tmp_path, capsys, monkeypatch):
     import errno
-    import utils
 
     def full_disk(path, image):
         raise OSError(errno.ENOSPC, 'No space left on device', path)
-    monkeypatch.setattr(utils, 'save_image', full_disk)
+    monkeypatch.setattr(results, 'save_image', full_disk)
     status, out = run(['--input', astronaut, '--output', str(tmp_path)] + ict_args(ict_folder, 20, 0, 0), capsys)
     assert status == 1 and 'writing the results failed (No space left on device' in out and 'Traceback' not in out
     assert 'continue with --resume' in out

@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-import optimizer
+import config
+import fitting
+import photos
 import utils
 
 
@@ -15,18 +17,18 @@ def test_rgba_is_composited_over_black(tmp_path):
     rgba = np.zeros((70, 80, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 128
     Image.fromarray(rgba, 'RGBA').save(tmp_path / 'a.png')
-    pixels, reduction = utils.load_image(str(tmp_path / 'a.png'))
+    pixels, reduction = photos.load_image(str(tmp_path / 'a.png'))
     assert pixels.shape == (70, 80, 3) and reduction == 1
     assert np.allclose(pixels[0, 0], [200 / 255 * 128 / 255, 0, 0], atol=1e-3)
 
 
 def test_grayscale_and_16_bit(tmp_path):
     Image.fromarray(np.full((70, 80), 100, np.uint8), 'L').save(tmp_path / 'g.png')
-    pixels, _ = utils.load_image(str(tmp_path / 'g.png'))
+    pixels, _ = photos.load_image(str(tmp_path / 'g.png'))
     assert pixels.shape == (70, 80, 3) and np.allclose(pixels, 100 / 255)
     Image.fromarray(np.full((70, 80), 40000, np.uint16)).save(tmp_path / 'd.png')
     assert Image.open(tmp_path / 'd.png').mode.startswith('I')
-    pixels, _ = utils.load_image(str(tmp_path / 'd.png'))
+    pixels, _ = photos.load_image(str(tmp_path / 'd.png'))
     assert pixels.shape == (70, 80, 3) and np.allclose(pixels, 40000 / 65535, atol=1e-4)
 
 
@@ -39,14 +41,14 @@ def test_exif_rotated_jpeg_is_loaded_upright(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(stored).save(tmp_path / 'r.jpg', exif=exif.tobytes(), quality=95)
-    pixels, _ = utils.load_image(str(tmp_path / 'r.jpg'))
+    pixels, _ = photos.load_image(str(tmp_path / 'r.jpg'))
     assert pixels.shape == (80, 40, 3)
     assert pixels[10, 20, 0] > 0.9 and pixels[70, 20, 2] > 0.9
 
 
 def test_huge_image_is_reduced_before_it_becomes_floats(tmp_path):
     Image.new('RGB', (8000, 6000), (90, 60, 40)).save(tmp_path / 'huge.jpg', quality=70)
-    pixels, reduction = utils.load_image(str(tmp_path / 'huge.jpg'))
+    pixels, reduction = photos.load_image(str(tmp_path / 'huge.jpg'))
     assert reduction == 4 and pixels.shape == (1500, 2000, 3) and pixels.dtype == np.float32
 
 
@@ -78,9 +80,8 @@ def test_nan_loss_goes_back_to_good_values_with_smaller_steps():
 
     def loss_fn(iteration):
         seen[iteration] = float(x)
-        loss = (x ** 2).sum() * (float('nan') if iteration in (5, 6) else 1.0)
-        return loss, dict(loss=loss)
-    optimizer._adam_loop('test', [dict(params=[x], lr=0.1)], loss_fn, 30, optimizer.config_module.Config())
+        return dict(loss=(x ** 2).sum() * (float('nan') if iteration in (5, 6) else 1.0))
+    fitting.adam_loop('test', [dict(params=[x], lr=0.1)], loss_fn, 30, config.Config())
     assert len(seen) == 30
     assert seen[7] == seen[1] < seen[0]  # back to the snapshot taken after step 0
     assert torch.isfinite(x).all() and float(x) < seen[7]
@@ -88,7 +89,6 @@ def test_nan_loss_goes_back_to_good_values_with_smaller_steps():
 
 def test_a_loss_that_stays_nan_fails_the_image_clearly():
     x = torch.tensor([3.0], requires_grad=True)
-    cfg = optimizer.config_module.Config()
-    with pytest.raises(optimizer.FitError, match='diverged'):
-        optimizer._adam_loop('stage 2', [dict(params=[x], lr=0.1)],
-                             lambda k: ((x * float('nan')).sum(), {}), 30, cfg)
+    with pytest.raises(fitting.FitError, match='diverged'):
+        fitting.adam_loop('stage 2', [dict(params=[x], lr=0.1)],
+                          lambda k: dict(loss=(x * float('nan')).sum()), 30, config.Config())

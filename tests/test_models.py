@@ -85,7 +85,7 @@ def test_truncated_and_wrong_schema_files(small_bfm, tmp_path):
 
 def test_uv_map_has_no_flipped_triangles_and_bounded_distortion(small_bfm):
     model = morphableModel.load_bfm2017(small_bfm['folder'])
-    signed, ratio = utils.uv_area_distortion(model.mean_shape.numpy(), model.faces.numpy(),
+    signed, ratio = morphableModel.uv_area_distortion(model.mean_shape.numpy(), model.faces.numpy(),
                                               model.uvs.numpy(), model.uv_faces.numpy())
     assert (signed > 0).all()
     assert model.uvs.min() >= 0 and model.uvs.max() <= 1
@@ -99,8 +99,8 @@ def test_uv_map_has_no_flipped_triangles_and_bounded_distortion(small_bfm):
 def test_uv_map_of_a_mesh_with_holes(small_bfm):
     vertices, triangles = small_bfm['vertices'], small_bfm['triangles']
     keep = ~np.isin(triangles, [100, 101, 140]).any(axis=1)  # punch a hole
-    uvs = utils.face_uv_map(vertices, triangles[keep])
-    signed, _ = utils.uv_area_distortion(vertices, triangles[keep], uvs, triangles[keep])
+    uvs = morphableModel.face_uv_map(vertices, triangles[keep])
+    signed, _ = morphableModel.uv_area_distortion(vertices, triangles[keep], uvs, triangles[keep])
     assert (signed > 0).all() or (signed < 0).all()
 
 
@@ -129,7 +129,7 @@ def test_ict_loads_from_its_original_layout(ict_folder):
     # identity modes are σ-scaled deltas of a few mm
     rms = float(model.shape_basis.pow(2).sum(-1).mean(-1).sqrt().mean())
     assert 0.1 < rms < 20
-    signed, _ = utils.uv_area_distortion(model.mean_shape.numpy(), model.faces.numpy(),
+    signed, _ = morphableModel.uv_area_distortion(model.mean_shape.numpy(), model.faces.numpy(),
                                           model.uvs.numpy(), model.uv_faces.numpy())
     assert (signed > 0).all()
     # faces point toward the camera (-z)

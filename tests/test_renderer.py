@@ -19,10 +19,9 @@ SIZE, RES, ROWS = 64, 64, 16
 def setup(small_bfm, render_device):
     model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     face = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device)
-    params = pipeline.SceneParameters(
-        shape=torch.zeros(1, model.n_shape), expression=torch.zeros(1, model.n_expression),
-        rotation=torch.tensor([[0.1, 0.3, 0.0]]), translation=torch.tensor([[5.0, 0.0, 600.0]]),
-        focal=torch.tensor([170.0]), albedo=torch.zeros(1, model.n_albedo), sh=torch.zeros(1, 9, 3))
+    params = pipeline.SceneParameters.zeros(model, 1, 1, bands=3)
+    params.rotation, params.translation = torch.tensor([[0.1, 0.3, 0.0]]), torch.tensor([[5.0, 0.0, 600.0]])
+    params.focal = torch.tensor([170.0])
     sh = torch.zeros(9, 3)
     sh[0] = 2.0
     sh[1] = 0.8   # light from the left-ish
@@ -32,9 +31,9 @@ def setup(small_bfm, render_device):
 
 def render(setup, shape=None, rotation=None, sh=None, diffuse=None, specular=None, roughness=None, spp=64, seed=3):
     model, face, params, default_sh = setup
-    p = pipeline.SceneParameters(**{**params.__dict__})
+    p = params.detached()
     if shape is not None:
-        p.shape = shape
+        p.identity = shape
     if rotation is not None:
         p.rotation = rotation
     vertices = pipeline.model_vertices(model, p)[0]

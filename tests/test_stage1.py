@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import config
+import fitting
 import morphableModel
-import optimizer
 import pipeline
+from photos import FitImage
 
 
 def rotation_error_degrees(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -18,8 +19,25 @@ def synthetic_images(model, truth, size=256):
     centres = torch.tensor([[size / 2, size / 2]] * truth.expression.shape[0])
     vertices = pipeline.model_vertices(model, truth)
     points = pipeline.project(vertices[:, model.landmark_vertices], truth.focal, centres).numpy()
-    return [optimizer.FitImage(i, f'synthetic{i}', np.zeros((size, size, 3), np.float32), 1.0, p)
+    return [FitImage(i, f'synthetic{i}', np.zeros((size, size, 3), np.float32), 1.0, p)
             for i, p in enumerate(points)]
+
+
+def fit_landmarks(model, images, cfg, shared_identity):
+    """Stage 1 -> (fitted parameters, landmark error per image [n] in px)."""
+    targets = fitting.Targets.of(model, images)
+    fitted, history = fitting.fit_landmarks(model, targets, cfg, shared_identity)
+    assert len(history) > 0 and all(step['seconds'] >= 0 for step in history)
+    scene = pipeline.Pipeline(model, cfg.replace(textureResolution=256), targets.sizes)
+    errors = fitting.landmark_error(scene.landmarks(fitted, scene.vertices(fitted)), targets)
+    return fitted, errors
+
+
+def truth_parameters(model, n_images, n_identities, **values):
+    truth = pipeline.SceneParameters.zeros(model, n_images, n_identities, bands=9)
+    for key, value in values.items():
+        setattr(truth, key, value)
+    return truth
 
 
 @pytest.mark.parametrize('rotation', [[0.1, -0.5, 0.05], [-0.3, 0.9, 0.2], [0.2, 0.0, 2.8]])
@@ -27,13 +45,12 @@ def test_recovers_pose_expression_and_focal_from_landmarks(small_bfm, rotation):
     """Any head pose, upside down included: landmark error < 0.5 px, rotation error < 1°."""
     model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     generator = torch.Generator().manual_seed(3)
-    truth = pipeline.SceneParameters(
-        shape=torch.zeros(1, model.n_shape), expression=0.8 * torch.randn(1, model.n_expression, generator=generator),
-        rotation=torch.tensor([rotation]), translation=torch.tensor([[12.0, -8.0, 650.0]]),
-        focal=torch.tensor([750.0]), albedo=torch.zeros(1, model.n_albedo), sh=torch.zeros(1, 81, 3))
+    truth = truth_parameters(
+        model, 1, 1, expression=0.8 * torch.randn(1, model.n_expression, generator=generator),
+        rotation=torch.tensor([rotation]), translation=torch.tensor([[12.0, -8.0, 650.0]]), focal=torch.tensor([750.0]))
     images = synthetic_images(model, truth)
-    fitted = optimizer.fit_landmarks(model, images, config.Config(), shared_identity=False)
-    assert optimizer.landmark_error(model, fitted, images)[0] < 0.5
+    fitted, errors = fit_landmarks(model, images, config.Config(), shared_identity=False)
+    assert errors[0] < 0.5
     assert rotation_error_degrees(fitted.rotation, truth.rotation)[0] < 1.0
     assert abs(float(fitted.focal[0]) / 750.0 - 1) < 0.15
     assert abs(float(fitted.translation[0, 2]) / 650.0 - 1) < 0.15
@@ -42,29 +59,25 @@ def test_recovers_pose_expression_and_focal_from_landmarks(small_bfm, rotation):
 
 def test_fixed_focal_length_is_kept(small_bfm):
     model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
-    truth = pipeline.SceneParameters(
-        shape=torch.zeros(1, model.n_shape), expression=torch.zeros(1, model.n_expression),
-        rotation=torch.tensor([[0.0, 0.3, 0.0]]), translation=torch.tensor([[0.0, 0.0, 2000.0]]),
-        focal=torch.tensor([2500.0]), albedo=torch.zeros(1, model.n_albedo), sh=torch.zeros(1, 81, 3))
+    truth = truth_parameters(model, 1, 1, rotation=torch.tensor([[0.0, 0.3, 0.0]]),
+                             translation=torch.tensor([[0.0, 0.0, 2000.0]]), focal=torch.tensor([2500.0]))
     images = synthetic_images(model, truth)
     cfg = config.Config().replace(optimizeFocalLength=False, camFocalLength=2500.0)
-    fitted = optimizer.fit_landmarks(model, images, cfg, shared_identity=False)
+    fitted, errors = fit_landmarks(model, images, cfg, shared_identity=False)
     assert float(fitted.focal[0]) == 2500.0
     assert abs(float(fitted.translation[0, 2]) - 2000.0) < 20
-    assert optimizer.landmark_error(model, fitted, images)[0] < 0.5
+    assert errors[0] < 0.5
 
 
 def test_shared_identity_fits_one_shape_for_several_images(small_bfm):
     model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     generator = torch.Generator().manual_seed(5)
-    truth = pipeline.SceneParameters(
-        shape=torch.zeros(1, model.n_shape),  # identity is fitted in stage 2
-        expression=0.5 * torch.randn(3, model.n_expression, generator=generator),
+    truth = truth_parameters(  # identity is fitted in stage 2
+        model, 3, 1, expression=0.5 * torch.randn(3, model.n_expression, generator=generator),
         rotation=torch.tensor([[0.0, 0.4, 0.0], [0.1, -0.4, 0.0], [0.0, 0.0, 0.2]]),
-        translation=torch.tensor([[0.0, 0.0, 700.0]] * 3), focal=torch.tensor([800.0] * 3),
-        albedo=torch.zeros(1, model.n_albedo), sh=torch.zeros(3, 81, 3))
+        translation=torch.tensor([[0.0, 0.0, 700.0]] * 3), focal=torch.tensor([800.0] * 3))
     images = synthetic_images(model, truth)
-    fitted = optimizer.fit_landmarks(model, images, config.Config(), shared_identity=True)
-    assert fitted.shape.shape == (1, model.n_shape) and fitted.rotation.shape == (3, 3)
-    assert (optimizer.landmark_error(model, fitted, images) < 0.5).all()
+    fitted, errors = fit_landmarks(model, images, config.Config(), shared_identity=True)
+    assert fitted.identity.shape == (1, model.n_shape) and fitted.rotation.shape == (3, 3)
+    assert (errors < 0.5).all()
     assert (rotation_error_degrees(fitted.rotation, truth.rotation) < 2.0).all()

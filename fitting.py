@@ -1,0 +1,397 @@
+"""The three stages of the fit, their losses, and what they fit to.
+
+Stage 1 fits pose, expression and focal length to the 2D landmarks (Levenberg-Marquardt).
+Stage 2 fits identity, expression, statistical albedo, pose and SH light to the photos through the
+ray tracer (Adam). Stage 3 refines per-texel diffuse, specular and roughness maps.
+Every stage takes and returns ``SceneParameters`` and a history of its steps (loss terms by
+name and the seconds each step took).
+"""
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import landmarks as landmarks_module
+from config import Config
+from morphableModel import MorphableModel
+from photos import FitImage
+from pipeline import Pipeline, SceneParameters, axis_angle_from_matrix, image_centres, project, to_camera
+
+
+class FitError(RuntimeError):
+    """The fit of an image failed (it diverged); the message says so."""
+
+
+@dataclass
+class Targets:
+    """What a group of images is fitted to, built once and shared by every stage and report."""
+    landmarks: torch.Tensor         # [n, 68, 2] pixels of the fitted images (0 where not usable)
+    landmark_weights: torch.Tensor  # [n, 68] LANDMARK_WEIGHTS where the point was found and has a vertex, else 0
+    sizes: list                     # [(w, h)] of the fitted images
+    centres: torch.Tensor           # [n, 2] image centres (w/2, h/2)
+    photos: list                    # [h, w, 3] per image, linear colour
+
+    @staticmethod
+    def of(model: MorphableModel, images: list[FitImage]) -> 'Targets':
+        """The targets of ``images`` for ``model``."""
+        points = np.stack([image.landmarks for image in images])  # [n, 68, 2], NaN where not found
+        usable = np.isfinite(points).all(-1) & (model.landmark_vertices.numpy() >= 0)[None]
+        sizes = [image.size for image in images]
+        return Targets(
+            landmarks=torch.from_numpy(np.nan_to_num(points, nan=0.0)).float(),
+            landmark_weights=torch.from_numpy(usable * landmarks_module.LANDMARK_WEIGHTS).float(),
+            sizes=sizes, centres=image_centres(sizes),
+            photos=[torch.from_numpy(image.linear_pixels()) for image in images])
+
+    @property
+    def landmark_usable(self) -> torch.Tensor:
+        """[n, 68] bool: the points that count."""
+        return self.landmark_weights > 0
+
+
+def landmark_error(landmark_pixels: torch.Tensor, targets: Targets) -> np.ndarray:
+    """Mean distance (px) between the model's landmarks [n, 68, 2] and the targets, per image [n]."""
+    distance = (landmark_pixels.detach() - targets.landmarks).norm(dim=-1)
+    usable = targets.landmark_usable
+    return ((distance * usable).sum(1) / usable.sum(1).clamp_min(1)).numpy()
+
+
+# ------------------------------------------------------------------------------------ stage 1
+
+def initial_pose(model_points: np.ndarray, image_points: np.ndarray, focal: float) -> tuple:
+    """A camera estimate from any head pose, by a weak-perspective fit.
+
+    model_points [k, 3] (canonical, centred), image_points [k, 2] (relative to the image centre)
+    -> (axis-angle [3], translation [3]). An affine camera x = A X + b is fitted by least squares;
+    its nearest scaled rotation gives R and the scale s, and the depth follows as f / s."""
+    design = np.concatenate([model_points, np.ones((len(model_points), 1))], axis=1)
+    solution, *_ = np.linalg.lstsq(design, image_points, rcond=None)
+    affine, offset = solution[:3].T, solution[3]  # [2, 3], [2]
+    u, singular, vt = np.linalg.svd(affine, full_matrices=False)
+    rows = u @ vt
+    rotation = np.stack([rows[0], rows[1], np.cross(rows[0], rows[1])])
+    scale = singular.mean()
+    translation = np.array([offset[0] / scale, offset[1] / scale, focal / scale])
+    return axis_angle_from_matrix(rotation), translation
+
+
+def levenberg_marquardt(residuals, x: torch.Tensor, iterations: int, tolerance: float = 1e-10) -> tuple:
+    """Minimise ||residuals(x)||² from x [p] -> (x, history: energy and seconds per iteration).
+    Marquardt's diagonal scaling makes the step invariant to the parameters' units (radians,
+    millimetres, σ)."""
+    damping = 1e-3
+    r = residuals(x)
+    energy = float(r @ r)
+    history = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        jacobian = torch.func.jacfwd(residuals)(x)
+        gradient = jacobian.T @ r
+        hessian = jacobian.T @ jacobian
+        diagonal = torch.diag(torch.diag(hessian).clamp_min(1e-9))
+        while True:
+            step = torch.linalg.solve(hessian + damping * diagonal, -gradient)
+            candidate = x + step
+            r_candidate = residuals(candidate)
+            candidate_energy = float(r_candidate @ r_candidate)
+            if math.isfinite(candidate_energy) and candidate_energy < energy:
+                damping = max(damping / 3, 1e-9)
+                break
+            damping *= 4
+            if damping > 1e8:
+                return x, history
+        converged = energy - candidate_energy < tolerance * max(energy, 1e-12)
+        x, r, energy = candidate, r_candidate, candidate_energy
+        history.append(dict(energy=energy, seconds=time.perf_counter() - start))
+        if converged:
+            break
+    return x, history
+
+
+class LandmarkProblem:
+    """Stage 1 as least squares: landmark reprojection in units of σ, plus N(0, 1) priors.
+
+    Residuals: √w_j (p_j − l_j) / σ for every usable landmark j, then √λ_expr · expression.
+    Identity is left to stage 2, as in NextFace: 68 points cannot tell identity from expression,
+    focal length and pose apart. σ = max(w, h) / 128 px (2 px at 256 px), and λ = weight / 0.001,
+    so NextFace's default weights give the plain Gaussian prior."""
+
+    def __init__(self, model: MorphableModel, targets: Targets, config: Config):
+        index = model.landmark_vertices.clamp_min(0)
+        self.mean = model.mean_shape[index].double()  # [68, 3]
+        self.expression_basis = model.expression_basis[:, index].double()  # [n_expr, 68, 3]
+        self.targets = targets.landmarks.double()
+        self.centres = targets.centres.double()
+        sigma = torch.tensor([max(size) / 128 for size in targets.sizes], dtype=torch.float64)
+        self.residual_scale = targets.landmark_weights.double().sqrt() / sigma[:, None]  # [n, 68]
+        self.n = len(targets.sizes)
+        self.expression_weight = math.sqrt(config.weightExpressionReg / 0.001)
+        self.optimize_focal = config.optimizeFocalLength
+        self.sizes = dict(rotation=(self.n, 3), translation=(self.n, 3),
+                          expression=(self.n, model.n_expression),
+                          log_focal=(self.n,) if self.optimize_focal else (0,))
+
+    def pack(self, **values) -> torch.Tensor:
+        return torch.cat([values[k].reshape(-1) for k in self.sizes])
+
+    def unpack(self, x: torch.Tensor) -> dict:
+        out, start = {}, 0
+        for key, size in self.sizes.items():
+            count = int(np.prod(size))
+            out[key] = x[start:start + count].reshape(size)
+            start += count
+        return out
+
+    def landmark_pixels(self, p: dict, focal: torch.Tensor) -> torch.Tensor:
+        """Model landmarks in pixels [n, 68, 2]."""
+        canonical = self.mean + torch.einsum('nk,kvc->nvc', p['expression'], self.expression_basis)
+        return project(to_camera(canonical, p['rotation'], p['translation']), focal, self.centres)
+
+    def residuals(self, x: torch.Tensor, fixed_focal: torch.Tensor) -> torch.Tensor:
+        p = self.unpack(x)
+        focal = p['log_focal'].exp() if self.optimize_focal else fixed_focal
+        error = (self.landmark_pixels(p, focal) - self.targets) * self.residual_scale[..., None]
+        return torch.cat([error.reshape(-1), self.expression_weight * p['expression'].reshape(-1)])
+
+
+def focal_candidates(sizes: list, config: Config) -> list:
+    """Initial focal lengths [n] to start from: the configured one, and if the focal length is
+    fitted, a range of fields of view (landmarks alone tell focal length only weakly, so the
+    best of several starts is kept)."""
+    configured = [config.camFocalLength] * len(sizes)
+    if not config.optimizeFocalLength:
+        return [configured]
+    widths = np.array([max(size) for size in sizes], dtype=np.float64)
+    return [configured] + [list(widths * factor) for factor in (1.0, 2.0, 4.0, 8.0)]
+
+
+def fit_landmarks(model: MorphableModel, targets: Targets, config: Config, shared_identity: bool) -> tuple:
+    """Stage 1: pose, expression and focal length from the landmarks -> (SceneParameters,
+    history of every Levenberg-Marquardt iteration of every focal start)."""
+    problem = LandmarkProblem(model, targets, config)
+    mean_points = model.mean_shape[model.landmark_vertices.clamp_min(0)].numpy()
+    relative = (targets.landmarks - targets.centres[:, None]).numpy()  # [n, 68, 2]
+    usable = targets.landmark_usable.numpy()
+    best, history = None, []
+    for focals in focal_candidates(targets.sizes, config):
+        focal = torch.tensor(focals, dtype=torch.float64)
+        poses = [initial_pose(mean_points[ok], points[ok], f) for points, ok, f in zip(relative, usable, focals)]
+        x0 = problem.pack(
+            rotation=torch.tensor(np.stack([p[0] for p in poses])),
+            translation=torch.tensor(np.stack([p[1] for p in poses])),
+            expression=torch.zeros(problem.sizes['expression'], dtype=torch.float64),
+            log_focal=focal.log() if config.optimizeFocalLength else torch.zeros(0, dtype=torch.float64))
+        x, steps = levenberg_marquardt(lambda v: problem.residuals(v, focal), x0, config.iterStep1)
+        history += steps
+        energy = float(problem.residuals(x, focal).square().sum())
+        if best is None or energy < best[1]:
+            best = (x, energy, focal)
+    x, _, focal = best
+    p = problem.unpack(x)
+    params = SceneParameters.zeros(model, problem.n, 1 if shared_identity else problem.n, config.bands)
+    params.expression, params.rotation, params.translation = (p[k].float() for k in ('expression', 'rotation', 'translation'))
+    params.focal = (p['log_focal'].exp() if config.optimizeFocalLength else focal).float()
+    params.stage = 1
+    return params, history
+
+
+# ------------------------------------------------------------------------------- the losses
+
+def photometric_loss(rendered: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance over the pixels the face covers (linear colour); rendered [h, w, 4],
+    photo [h, w, 3]."""
+    alpha = rendered[..., 3:].detach()
+    return (alpha * (rendered[..., :3] - photo).abs()).sum() / (3 * alpha.sum().clamp_min(1.0))
+
+
+def landmark_loss(landmark_pixels: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """Weighted mean squared landmark distance (px²) of the model's landmarks [n, 68, 2]."""
+    squared = ((landmark_pixels - targets.landmarks) ** 2).sum(-1)
+    return (targets.landmark_weights * squared).sum() / targets.landmark_weights.sum()
+
+
+def photometric_error(pipeline: Pipeline, params: SceneParameters, targets: Targets, spp: int = 64) -> float:
+    """Mean L1 error (linear colour) over the face pixels, averaged over the images."""
+    with torch.no_grad():
+        vertices = pipeline.vertices(params)
+        return float(np.mean([float(photometric_loss(pipeline.render(params, row, spp, 999, vertices[row]), photo))
+                              for row, photo in enumerate(targets.photos)]))
+
+
+def learning_rate_factor(iteration: int, iterations: int) -> float:
+    """Full steps for the first half, then a linear decay to 1/10: the late small steps average
+    out the Monte Carlo noise of the gradients instead of jittering around the optimum."""
+    progress = iteration / max(iterations - 1, 1)
+    return 1.0 if progress < 0.5 else 1.0 - 1.8 * (progress - 0.5)
+
+
+def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Config, on_progress=None) -> list:
+    """Adam over ``groups`` (torch param groups) for ``iterations`` steps of the sum of
+    ``loss_terms(iteration)`` (a dict of weighted terms by name) -> history: the terms and the
+    seconds of each step. A non-finite loss puts back the last good values and halves the steps;
+    it fails the image after five in a row. ``on_progress(iteration)`` runs every
+    ``debugFrequency`` steps and after the last."""
+    adam = torch.optim.Adam(groups)
+    base_rates = [group['lr'] for group in adam.param_groups]
+    tensors = [t for group in groups for t in group['params']]
+    good = [t.detach().clone() for t in tensors]
+    bad_in_a_row, nan_scale, history = 0, 1.0, []
+    progress = tqdm(range(iterations), desc=stage, unit='it', leave=False, disable=not sys.stderr.isatty())
+    for iteration in progress:
+        start = time.perf_counter()
+        for group, rate in zip(adam.param_groups, base_rates):
+            group['lr'] = rate * nan_scale * learning_rate_factor(iteration, iterations)
+        adam.zero_grad()
+        terms = loss_terms(iteration)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            bad_in_a_row += 1
+            if bad_in_a_row >= 5:
+                raise FitError(f'{stage}: the loss stays NaN/Inf; the fit of this image diverged')
+            with torch.no_grad():
+                for tensor, value in zip(tensors, good):
+                    tensor.copy_(value)
+            nan_scale /= 2
+            continue
+        bad_in_a_row = 0
+        loss.backward()
+        adam.step()
+        if iteration % 10 == 0:
+            good = [t.detach().clone() for t in tensors]
+        values = {name: float(term.detach()) for name, term in terms.items()}
+        history.append(dict(values, seconds=time.perf_counter() - start))
+        if on_progress is not None and config.debugFrequency > 0 and (
+                iteration % config.debugFrequency == 0 or iteration == iterations - 1):
+            on_progress(iteration)
+        if config.verbose:
+            print(f'{stage} {iteration}: ' + ', '.join(f'{k} {v:.5f}' for k, v in values.items()))
+        progress.set_postfix({k: f'{v:.4f}' for k, v in values.items()})
+    return history
+
+
+# ------------------------------------------------------------------------------------ stage 2
+
+# Adam step sizes of stage 2: coefficients in σ, rotation in radians, translation in mm, light
+# relative to its DC level.
+STAGE2_RATES = dict(geometry=0.02, albedo=0.02, rotation=0.002, translation=0.5, light=0.005)
+
+
+def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_progress=None) -> tuple:
+    """Stage 2: identity, expression, statistical albedo, pose and SH light by the photometric
+    loss, with landmark and prior terms -> (SceneParameters, history).
+    ``on_progress(params, iteration)`` sees the parameters during the fit (debug images)."""
+    config = pipeline.config
+    params = params.detached()
+    if params.sh.abs().sum() == 0:
+        params.sh = pipeline.initial_light(params, targets.photos)
+    trainable = [params.identity, params.expression, params.rotation, params.translation, params.albedo, params.sh]
+    for tensor in trainable:
+        tensor.requires_grad_(True)
+    rates = STAGE2_RATES
+    light_level = float(params.sh.detach()[:, 0].abs().max().clamp_min(1e-3))  # SH steps relative to the light
+    groups = [dict(params=[params.identity, params.expression], lr=rates['geometry']),
+              dict(params=[params.albedo], lr=rates['albedo']),
+              dict(params=[params.rotation], lr=rates['rotation']),
+              dict(params=[params.translation], lr=rates['translation']),
+              dict(params=[params.sh], lr=rates['light'] * light_level)]
+
+    def loss_terms(iteration: int) -> dict:
+        vertices = pipeline.vertices(params)
+        photo = sum(photometric_loss(pipeline.render(params, row, config.rtTrainingSamples, iteration, vertices[row]),
+                                     target) for row, target in enumerate(targets.photos)) / len(targets.photos)
+        return dict(
+            photo=photo,
+            landmarks=config.weightLandmarksLossStep2 * landmark_loss(pipeline.landmarks(params, vertices), targets),
+            identity_prior=config.weightShapeReg * (params.identity ** 2).mean(),
+            expression_prior=config.weightExpressionReg * (params.expression ** 2).mean(),
+            albedo_prior=config.weightAlbedoReg * (params.albedo ** 2).mean())
+
+    history = adam_loop('stage 2', groups, loss_terms, config.iterStep2, config,
+                        on_progress and (lambda k: on_progress(params, k)))
+    params = params.detached()
+    params.stage = 2
+    return params, history
+
+
+# ------------------------------------------------------------------------------------ stage 3
+
+# Adam step sizes of stage 3, per texel of the maps and for the SH coefficients.
+STAGE3_RATES = dict(diffuse=0.005, specular=0.005, roughness=0.005, light=0.005)
+# Without an albedo model (ICT-FaceKit) the stage-2 maps are one skin colour and one specular
+# level. Held to that colour, the diffuse map stayed flat and the specular map took the face's
+# detail (a rough specular lobe under smooth light mimics albedo). So for such models the
+# diffuse consistency weight is scaled by diffuse_consistency_scale and the specular map moves
+# specular_rate_scale as fast (on 32bit.png: stage-3 error 0.057 -> 0.047, detail in the diffuse
+# map). With AlbedoMM the stage-2 maps are a real prior and NextFace's weights stay as they are
+# (the slower specular map alone made the BFM-sized benchmark worse: 0.090 -> 0.102).
+WITHOUT_ALBEDO_MODEL = dict(diffuse_consistency_scale=0.01, specular_rate_scale=0.1)
+
+
+def texture_regularizer(texture: torch.Tensor, reference: torch.Tensor, weights: tuple) -> torch.Tensor:
+    """Symmetry (mirror in u), consistency (to the stage-2 map) and smoothness of a map [res, res, c]."""
+    symmetry, consistency, smoothness = weights
+    mirrored = torch.flip(texture, dims=[1])
+    smooth = ((texture[1:] - texture[:-1]) ** 2).mean() + ((texture[:, 1:] - texture[:, :-1]) ** 2).mean()
+    return (symmetry * ((texture - mirrored) ** 2).mean() + consistency * ((texture - reference) ** 2).mean()
+            + smoothness * smooth)
+
+
+def stage3_rates_and_weights(config: Config, has_albedo_model: bool) -> tuple:
+    """Adam groups' rates and the (symmetry, consistency, smoothness) weights of the diffuse,
+    specular and roughness maps."""
+    rates = dict(STAGE3_RATES)
+    diffuse_consistency = config.weightDiffuseConsistencyReg
+    if not has_albedo_model:
+        rates['specular'] *= WITHOUT_ALBEDO_MODEL['specular_rate_scale']
+        diffuse_consistency *= WITHOUT_ALBEDO_MODEL['diffuse_consistency_scale']
+    weights = dict(
+        diffuse=(config.weightDiffuseSymmetryReg, diffuse_consistency, config.weightDiffuseSmoothnessReg),
+        specular=(config.weightSpecularSymmetryReg, config.weightSpecularConsistencyReg,
+                  config.weightSpecularSmoothnessReg),
+        roughness=(config.weightRoughnessSymmetryReg, config.weightRoughnessConsistencyReg,
+                   config.weightRoughnessSmoothnessReg))
+    return rates, weights
+
+
+def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_progress=None) -> tuple:
+    """Stage 3: per-texel diffuse, specular and roughness maps (and the light), starting from the
+    statistical albedo, with symmetry, consistency and smoothness regularizers; the geometry
+    stays as stage 2 left it -> (SceneParameters, history)."""
+    config = pipeline.config
+    params = params.detached()
+    identities = params.identity.shape[0]
+    start = [pipeline.maps(params, k) for k in range(identities)]
+    params.diffuse_map, params.specular_map, params.roughness_map = (
+        torch.stack([maps[j] for maps in start]).detach().clone() for j in range(3))
+    textures = dict(diffuse=params.diffuse_map, specular=params.specular_map, roughness=params.roughness_map)
+    references = {name: texture.detach().clone() for name, texture in textures.items()}
+    for tensor in (*textures.values(), params.sh):
+        tensor.requires_grad_(True)
+    rates, weights = stage3_rates_and_weights(config, pipeline.model.has_albedo_model)
+    groups = [dict(params=[texture], lr=rates[name]) for name, texture in textures.items()]
+    groups.append(dict(params=[params.sh], lr=rates['light']))
+    with torch.no_grad():
+        vertices = pipeline.vertices(params)  # fixed in stage 3: weightLandmarksLossStep3 has nothing to move
+
+    def loss_terms(iteration: int) -> dict:
+        photo = sum(photometric_loss(pipeline.render(params, row, config.rtTrainingSamples, 10_000 + iteration,
+                                                     vertices[row]), target)
+                    for row, target in enumerate(targets.photos)) / len(targets.photos)
+        regularizers = {f'{name}_regularizer': sum(texture_regularizer(texture[k], references[name][k], weights[name])
+                                                   for k in range(identities))
+                        for name, texture in textures.items()}
+        return dict(photo=photo, **regularizers)
+
+    history = adam_loop('stage 3', groups, loss_terms, config.iterStep3, config,
+                        on_progress and (lambda k: on_progress(params, k)))
+    params = params.detached()
+    with torch.no_grad():
+        params.diffuse_map.clamp_(0, 1)
+        params.specular_map.clamp_(0, 1)
+        params.roughness_map.clamp_(0.01, 1)
+    params.stage = 3
+    return params, history

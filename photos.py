@@ -1,0 +1,146 @@
+"""Input photos: listing, reading any kind of image file, finding the face, cropping it to the
+fitted image (``FitImage``)."""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import landmarks as landmarks_module
+import utils
+from config import Config
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+MIN_IMAGE_SIZE = 64
+# Longer side of an input image as loaded: larger photos are reduced (the fit uses maxResolution).
+MAX_INPUT_SIDE = 2048
+# PIL refuses images above this many pixels as a "decompression bomb"; faces need far fewer.
+MAX_IMAGE_PIXELS = 400_000_000
+# The fitted image is a square around the face, this many times the landmarks' extent: the face
+# then fills the pixels that maxResolution allows, whatever the framing of the photo.
+CROP_MARGIN = 1.8
+
+
+class InputError(ValueError):
+    """An input that cannot be used; the message names the file and what to do."""
+
+
+@dataclass
+class FitImage:
+    """An input photo as fitted."""
+    index: int             # i of the output files (position in the sorted input list)
+    path: str
+    pixels: np.ndarray     # [h, w, 3] sRGB in [0, 1], scaled to maxResolution
+    scale: float           # fitted size / input size
+    landmarks: np.ndarray  # [68, 2] pixels of the fitted image, NaN where not found
+    crop: tuple = (0, 0)   # input pixel of the fitted image's top-left corner
+
+    @property
+    def size(self) -> tuple:
+        """(width, height) of the fitted image."""
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+    def linear_pixels(self) -> np.ndarray:
+        """[h, w, 3] in linear colour, as the renderer makes them."""
+        return utils.srgb_to_linear(self.pixels)
+
+
+def list_inputs(path: str) -> tuple:
+    """``path`` (an image or a folder) -> (image paths, skipped non-image files)."""
+    if os.path.isfile(path):
+        return [path], []
+    if not os.path.isdir(path):
+        raise InputError(f"input '{path}' does not exist: give an image file or a folder of images")
+    names = sorted(os.listdir(path))
+    files = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n)) and not n.startswith('.')]
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not images:
+        raise InputError(f"input folder '{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                         f"point --input at a folder of photos")
+    return images, [f for f in files if f not in images]
+
+
+def load_image(path: str, max_side: int = MAX_INPUT_SIDE) -> tuple:
+    """An image file -> (sRGB float array [h, w, 3] in [0, 1], upright (EXIF orientation
+    applied), reduction): input pixel = loaded pixel · reduction.
+
+    Grayscale is repeated to RGB, alpha is composited over black, 16-bit is scaled to [0, 1].
+    Images with a side over ``max_side`` are reduced by an integer factor while still 8/16-bit,
+    so that an 8000 px photo never exists as floats (576 MB) in memory."""
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            image.load()
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image file (or an unsupported format): give a JPEG or PNG") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InputError(f'{path}: cannot be read, the file may be truncated or corrupt ({error})') from None
+    reduction = -(-max(image.size) // max_side)  # ceil
+    if reduction > 1:
+        image = image.reduce(reduction)
+    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+        pixels = np.asarray(image, np.float64)
+        pixels = pixels / (65535.0 if pixels.max() > 255 else 255.0)
+        return np.repeat(pixels[..., None], 3, axis=2).astype(np.float32), reduction
+    if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
+        rgba = np.asarray(image.convert('RGBA'), np.float32) / 255.0
+        return rgba[..., :3] * rgba[..., 3:], reduction
+    return np.asarray(image.convert('RGB'), np.float32) / 255.0, reduction
+
+
+def resize_image(image: np.ndarray, max_resolution: int) -> tuple:
+    """Scale [h, w, 3] so that its longer side is at most ``max_resolution``; -> (image, scale)."""
+    height, width = image.shape[:2]
+    scale = min(1.0, max_resolution / max(height, width))
+    if scale == 1.0:
+        return image, 1.0
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    planes = [np.asarray(Image.fromarray(image[..., c]).resize(size, Image.LANCZOS)) for c in range(3)]
+    return np.clip(np.stack(planes, axis=2), 0, 1).astype(np.float32), size[0] / width
+
+
+def face_crop(points: np.ndarray, width: int, height: int) -> tuple:
+    """Landmarks [68, 2] (input px) -> crop box (x0, y0, x1, y1) inside the image."""
+    finite = points[np.isfinite(points).all(1)]
+    centre = (finite.min(0) + finite.max(0)) / 2
+    half = CROP_MARGIN * (finite.max(0) - finite.min(0)).max() / 2
+    x0, y0 = np.maximum(np.floor(centre - half), 0).astype(int)
+    x1, y1 = np.minimum(np.ceil(centre + half), [width, height]).astype(int)
+    return x0, y0, x1, y1
+
+
+def prepare_image(index: int, path: str, config: Config, detector, landmarks_path: str) -> FitImage:
+    """Read, find the face in and crop one photo (landmarks from ``detector`` or the file(s) at
+    ``landmarks_path``); raise InputError with a clear message."""
+    pixels, reduction = load_image(path)  # input pixel = loaded pixel · reduction
+    if min(pixels.shape[:2]) < MIN_IMAGE_SIZE:
+        raise InputError(f'{path}: the image is {pixels.shape[1]}x{pixels.shape[0]} px, too small to fit a face '
+                         f'(at least {MIN_IMAGE_SIZE} px per side): use a larger photo')
+    if landmarks_path:
+        try:
+            points = landmarks_module.read_landmark_file(
+                landmarks_module.landmark_file_for(landmarks_path, path)) / reduction
+        except landmarks_module.LandmarkError as error:
+            raise InputError(str(error)) from None
+        note = 'landmarks from file'
+    else:
+        points, faces = detector.detect((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+        if points is None:
+            raise InputError(f'{path}: no face found; use a photo with a visible face, or give its 68 '
+                             f'landmarks with --landmarks')
+        note = f'{faces} faces found, fitting the largest' if faces > 1 else 'one face found'
+    x0, y0, x1, y1 = face_crop(points, pixels.shape[1], pixels.shape[0])
+    fitted, scale = resize_image(pixels[y0:y1, x0:x1], config.maxResolution)
+    landmarks = (points - [x0, y0]) * scale
+    inside = ((landmarks >= 0) & (landmarks < [fitted.shape[1], fitted.shape[0]])).all(axis=1)
+    if inside.sum() < 20:
+        raise InputError(f'{path}: only {inside.sum()} of 68 landmarks lie inside the image; the face is '
+                         f'too cut by the border to fit')
+    if not inside.all():
+        note += f'; {68 - inside.sum()} landmarks outside the image are ignored'
+        landmarks = np.where(inside[:, None], landmarks, np.nan)
+    if reduction > 1:
+        note += f'; reduced {reduction}x on loading (longer side over {MAX_INPUT_SIDE} px)'
+    print(f'[{index}] {path}: {fitted.shape[1]}x{fitted.shape[0]} px (scale {scale / reduction:.3f}), {note}')
+    return FitImage(index, path, fitted, scale / reduction, landmarks, (x0 * reduction, y0 * reduction))
