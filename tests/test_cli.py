@@ -207,3 +207,18 @@ def test_a_ray_tracer_without_llvm_stops_with_the_fix(ict_folder, astronaut, tmp
     monkeypatch.setattr(renderer, '_find_libllvm', lambda: '')
     status, out = run(['--input', astronaut, '--output', str(tmp_path)] + ict_args(ict_folder, 20, 3, 0), capsys)
     assert status == 2 and 'needs LLVM >= 17: run ./setup.sh' in out and 'Traceback' not in out
+
+
+def test_the_command_prints_only_its_own_lines(ict_folder, astronaut, tmp_path):
+    """MediaPipe's and TensorFlow Lite's native log lines stay off the terminal (a process of its
+    own: they write to the file descriptor, past Python)."""
+    import subprocess
+    import sys
+    command = [sys.executable, os.path.join(os.path.dirname(optimizer.__file__), 'optimizer.py'),
+               '--input', astronaut, '--output', str(tmp_path / 'o')] + ict_args(ict_folder, 5, 0, 0)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, output
+    assert 'one face found' in output and 'done: 1 of 1 images fitted' in output
+    for noise in ('W0000', 'TensorFlow Lite', 'absl::InitializeLog', 'inference_feedback_manager'):
+        assert noise not in output, output
