@@ -41,6 +41,8 @@ class Config:
     envMapRes: int = field(default=64, metadata=dict(check=lambda v: v >= 8, accepts='an integer >= 8'))
     smoothSh: bool = False
     saveExr: bool = False
+    # the base colour of head{i}.glb and map_Kd of mesh{i}.mtl: the fitted 'diffuse' map, or the 'photo' projected into UV space
+    exportTexture: str = field(default='diffuse', metadata=dict(choices=('diffuse', 'photo')))
     # image
     maxResolution: int = field(default=256, metadata=dict(check=lambda v: v >= 64, accepts='an integer >= 64'))
     # camera: focal length in pixels of the fitted image

@@ -14,9 +14,9 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
+import h5py
 import numpy as np
 import scipy.sparse
 import scipy.sparse.linalg
@@ -51,7 +51,8 @@ BFM_NAMED_LANDMARKS = {
 # ICT-FaceKit: the "narrow face area" (vertices [0, 6706), polygons [0, 6560)). The fit uses the
 # face skin only: eyeballs, teeth, mouth socket and the back of the head have no albedo prior
 # and are mostly hidden or hair-covered in photos, so they would only add wrong pixels to the
-# photometric loss. All 68 ICT landmark vertices lie inside this area.
+# photometric loss. All 68 ICT landmark vertices lie inside this area. The whole head is the
+# model's ``head`` (exported with the fitted coefficients).
 ICT_FACE_VERTICES = 6706
 ICT_FACE_POLYGONS = 6560
 # ICT has no albedo model: a global skin reflectance is fitted (linear RGB).
@@ -61,8 +62,51 @@ ICT_MEAN_SPECULAR = 0.04
 ICT_SPECULAR_STD = 0.03
 
 
+# The parts of an exported head; ``HeadMesh.parts`` holds an index into this tuple per triangle.
+HEAD_PARTS = ('face', 'back_of_head', 'mouth', 'teeth', 'sclera', 'iris', 'lacrimal_fluid', 'eye_blend',
+              'eye_occlusion', 'eyelashes')
+# ICT-FaceKit's materials (``usemtl`` of its OBJ) -> parts.
+ICT_MATERIAL_PARTS = {
+    'M_Face': 'face', 'M_BackHead': 'back_of_head', 'M_GumsTongue': 'mouth', 'M_Teeth': 'teeth',
+    'M_ScleraLeft': 'sclera', 'M_ScleraRight': 'sclera', 'M_IrisLeft': 'iris', 'M_IrisRight': 'iris',
+    'M_LacrimalFluid': 'lacrimal_fluid', 'M_EyeBlend': 'eye_blend', 'M_EyeOcclusion': 'eye_occlusion',
+    'M_EyeLashes': 'eyelashes'}
+
+
 class ModelFileError(RuntimeError):
     """A model file is missing or unreadable; the message says where to get a good one."""
+
+
+def linear_shape(mean_shape: torch.Tensor, shape_basis: torch.Tensor, expression_basis: torch.Tensor,
+                 identity: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
+    """mean [verts, 3] + identity [n, n_shape] · basis [n_shape, verts, 3] + expression [n, n_expr] ·
+    basis [n_expr, verts, 3] -> vertices [n, verts, 3]."""
+    return (mean_shape + torch.einsum('nk,kvc->nvc', identity, shape_basis)
+            + torch.einsum('nk,kvc->nvc', expression, expression_basis))
+
+
+@dataclass
+class HeadMesh:
+    """A model's whole mesh as it is exported, in the canonical frame of the model: vertices
+    [0, n) are the fitted model's, in its order, and the rest of the head follows (ICT-FaceKit:
+    back of the head, ears and neck, mouth socket, teeth, gums and tongue, eyes, eyelashes), moved
+    by the same identity and expression coefficients."""
+    mean_shape: torch.Tensor        # [verts, 3] mm
+    shape_basis: torch.Tensor       # [n_shape, verts, 3]
+    expression_basis: torch.Tensor  # [n_expr, verts, 3]
+    faces: torch.Tensor             # [tris, 3] int64
+    uvs: torch.Tensor               # [uv_verts, 2] v up; ICT's parts lie in tiles u in [k, k + 1]
+    uv_faces: torch.Tensor          # [tris, 3] int64
+    parts: torch.Tensor             # [tris] int64 index into HEAD_PARTS
+
+    @property
+    def whole_head(self) -> bool:
+        """Whether the mesh goes round the back of the head (else it is a face mask)."""
+        return bool((self.parts == HEAD_PARTS.index('back_of_head')).any())
+
+    def vertices(self, identity: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
+        """[n, n_shape], [n, n_expr] -> vertices [n, verts, 3] in the canonical frame."""
+        return linear_shape(self.mean_shape, self.shape_basis, self.expression_basis, identity, expression)
 
 
 @dataclass
@@ -80,6 +124,7 @@ class MorphableModel:
     diffuse_basis: torch.Tensor     # [n_albedo, verts, 3]
     specular_mean: torch.Tensor     # [verts, 3]
     specular_basis: torch.Tensor    # [n_albedo, verts, 3]
+    head: HeadMesh = None           # the whole head where the model has one (ICT-FaceKit)
 
     @property
     def n_shape(self) -> int:
@@ -99,11 +144,16 @@ class MorphableModel:
         as one skin colour (ICT-FaceKit's global modes)."""
         return bool((self.diffuse_basis.std(dim=1) > 1e-6).any())
 
-    def vertices(self, shape_coeffs: torch.Tensor, expression_coeffs: torch.Tensor) -> torch.Tensor:
+    def vertices(self, identity: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
         """[n, n_shape], [n, n_expr] -> vertices [n, verts, 3] in the canonical frame."""
-        return (self.mean_shape
-                + torch.einsum('nk,kvc->nvc', shape_coeffs, self.shape_basis)
-                + torch.einsum('nk,kvc->nvc', expression_coeffs, self.expression_basis))
+        return linear_shape(self.mean_shape, self.shape_basis, self.expression_basis, identity, expression)
+
+    def export_mesh(self) -> HeadMesh:
+        """The mesh to export: the whole head where the model has one, else the face itself."""
+        if self.head is not None:
+            return self.head
+        return HeadMesh(self.mean_shape, self.shape_basis, self.expression_basis, self.faces, self.uvs,
+                        self.uv_faces, torch.zeros(len(self.faces), dtype=torch.int64))
 
     def diffuse_albedo(self, albedo_coeffs: torch.Tensor) -> torch.Tensor:
         """[n, n_albedo] -> per-vertex diffuse albedo [n, verts, 3]."""
@@ -115,8 +165,9 @@ class MorphableModel:
 
     def trimmed(self, n_shape: int, n_albedo: int) -> 'MorphableModel':
         """Keep the first components only (NextFace's ``trimPca``)."""
+        head = None if self.head is None else dataclasses.replace(self.head, shape_basis=self.head.shape_basis[:n_shape])
         return dataclasses.replace(
-            self, shape_basis=self.shape_basis[:n_shape],
+            self, shape_basis=self.shape_basis[:n_shape], head=head,
             diffuse_basis=self.diffuse_basis[:n_albedo], specular_basis=self.specular_basis[:n_albedo])
 
     def to(self, device) -> 'MorphableModel':
@@ -217,9 +268,13 @@ def uv_area_distortion(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
 
 # ---------------------------------------------------------------------------------- the cache
 
+# Raised whenever what a cache holds changes, so that caches of earlier versions are rebuilt.
+CACHE_FORMAT = 2  # 2: ICT-FaceKit's whole head
+
+
 def _cache_path(sources: list, kind: str) -> str:
     """A cache file named by the sources' paths, sizes and times (a changed file is re-read)."""
-    digest = hashlib.sha1(kind.encode())
+    digest = hashlib.sha1(f'{kind}:{CACHE_FORMAT}'.encode())
     for source in sources:
         stat = os.stat(source)
         digest.update(f'{os.path.abspath(source)}:{stat.st_size}:{stat.st_mtime_ns}'.encode())
@@ -227,15 +282,20 @@ def _cache_path(sources: list, kind: str) -> str:
     return os.path.join(folder, f'{kind}-{digest.hexdigest()[:16]}.npz')
 
 
+def _tensor_fields(instance, prefix: str = '') -> dict:
+    """The tensor fields of a dataclass as numpy arrays, keys prefixed."""
+    return {prefix + f.name: getattr(instance, f.name).numpy() for f in dataclasses.fields(instance)
+            if isinstance(getattr(instance, f.name), torch.Tensor)}
+
+
 def _save_cache(path: str, model: MorphableModel) -> None:
     """Write atomically: a half-written cache must never be read back."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    arrays = {f.name: getattr(model, f.name).numpy() for f in dataclasses.fields(model)
-              if isinstance(getattr(model, f.name), torch.Tensor)}
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.npz')
-    with os.fdopen(handle, 'wb') as file:
-        np.savez(file, name=model.name, **arrays)
-    os.replace(temporary, path)
+    arrays = _tensor_fields(model)
+    if model.head is not None:
+        arrays.update(_tensor_fields(model.head, 'head.'))
+    with utils.atomic_path(path) as temporary:
+        with open(temporary, 'wb') as file:
+            np.savez(file, name=model.name, **arrays)
 
 
 def _load_cache(path: str):
@@ -243,8 +303,11 @@ def _load_cache(path: str):
         return None
     try:
         with np.load(path) as data:
-            return MorphableModel(**{key: (str(data[key]) if key == 'name' else torch.from_numpy(data[key]))
-                                     for key in data.files})
+            name = str(data['name'])
+            tensors = {key: torch.from_numpy(data[key]) for key in data.files if key != 'name'}
+        head_keys = [key for key in tensors if key.startswith('head.')]
+        head = HeadMesh(**{key[len('head.'):]: tensors.pop(key) for key in head_keys}) if head_keys else None
+        return MorphableModel(name=name, head=head, **tensors)
     except (OSError, ValueError, KeyError, TypeError):
         return None  # an unreadable cache is rebuilt
 
@@ -288,7 +351,6 @@ def _read_pca(group, name: str, path: str):
 
 
 def _open_h5(path: str):
-    import h5py
     try:
         return h5py.File(path, 'r')
     except OSError as error:
@@ -354,28 +416,43 @@ def _build_bfm(folder: str, association_file: str) -> MorphableModel:
                             specular_mean, specular_basis)
 
 
+def _tensor(array: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+
+
 def _canonical_model(name, mean_shape, shape_basis, expression_basis, faces, uvs, uv_faces, landmarks,
-                     diffuse_mean, diffuse_basis, specular_mean, specular_basis) -> MorphableModel:
+                     diffuse_mean, diffuse_basis, specular_mean, specular_basis, head: dict = None) -> MorphableModel:
     """Arrays in the model's own frame (y up, face toward +z, mm) -> a canonical ``MorphableModel``.
 
     Without ``uvs`` a low-distortion UV map is computed. Faces are re-oriented so that their
-    normals point toward the camera."""
-    mean_shape = (mean_shape - mean_shape.mean(axis=0)) * TO_CAMERA_FRAME
+    normals point toward the camera. ``head`` (the arrays of ``HeadMesh`` in the model's own
+    frame, its first vertices the face's) is brought into the same frame: centred on the face."""
+    centre = mean_shape.mean(axis=0)
+    mean_shape = (mean_shape - centre) * TO_CAMERA_FRAME
     shape_basis = shape_basis * TO_CAMERA_FRAME
     expression_basis = expression_basis * TO_CAMERA_FRAME
-    if utils.face_normals_np(mean_shape, faces)[:, 2].sum() > 0:  # must face the camera (-z)
+    flip = utils.face_normals_np(mean_shape, faces)[:, 2].sum() > 0  # must face the camera (-z)
+    if flip:
         faces = faces[:, ::-1]
         uv_faces = None if uv_faces is None else uv_faces[:, ::-1]
     if uvs is None:
         uvs, uv_faces = face_uv_map(mean_shape, faces), faces
-    tensor = lambda a, dtype=torch.float32: torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    head_mesh = None
+    if head is not None:
+        corners = (lambda a: a[:, ::-1]) if flip else (lambda a: a)
+        head_mesh = HeadMesh(
+            mean_shape=_tensor((head['mean_shape'] - centre) * TO_CAMERA_FRAME),
+            shape_basis=_tensor(head['shape_basis'] * TO_CAMERA_FRAME),
+            expression_basis=_tensor(head['expression_basis'] * TO_CAMERA_FRAME),
+            faces=_tensor(corners(head['faces']), torch.int64), uvs=_tensor(head['uvs']),
+            uv_faces=_tensor(corners(head['uv_faces']), torch.int64), parts=_tensor(head['parts'], torch.int64))
     return MorphableModel(
-        name=name, mean_shape=tensor(mean_shape), shape_basis=tensor(shape_basis),
-        expression_basis=tensor(expression_basis), faces=tensor(faces, torch.int64),
-        uvs=tensor(uvs), uv_faces=tensor(uv_faces, torch.int64),
-        landmark_vertices=tensor(landmarks, torch.int64),
-        diffuse_mean=tensor(diffuse_mean), diffuse_basis=tensor(diffuse_basis),
-        specular_mean=tensor(specular_mean), specular_basis=tensor(specular_basis))
+        name=name, mean_shape=_tensor(mean_shape), shape_basis=_tensor(shape_basis),
+        expression_basis=_tensor(expression_basis), faces=_tensor(faces, torch.int64),
+        uvs=_tensor(uvs), uv_faces=_tensor(uv_faces, torch.int64),
+        landmark_vertices=_tensor(landmarks, torch.int64),
+        diffuse_mean=_tensor(diffuse_mean), diffuse_basis=_tensor(diffuse_basis),
+        specular_mean=_tensor(specular_mean), specular_basis=_tensor(specular_basis), head=head_mesh)
 
 
 def load_bfm2017(folder: str, association_file: str = '') -> MorphableModel:
@@ -390,8 +467,9 @@ def load_bfm2017(folder: str, association_file: str = '') -> MorphableModel:
 # ---------------------------------------------------------------------------------- ICT-FaceKit
 
 def read_obj(path: str):
-    """A Wavefront OBJ -> positions [V, 3], uvs [U, 2] (or empty), faces as lists of (v, vt) pairs."""
-    positions, uvs, faces = [], [], []
+    """A Wavefront OBJ -> positions [V, 3], uvs [U, 2] (or empty), faces as lists of (v, vt)
+    pairs, and the material (``usemtl``) of each face."""
+    positions, uvs, faces, materials, material = [], [], [], [], ''
     with open(path, encoding='utf-8') as file:
         for line in file:
             if line.startswith('v '):
@@ -401,65 +479,75 @@ def read_obj(path: str):
             elif line.startswith('f '):
                 corners = [corner.split('/') for corner in line.split()[1:]]
                 faces.append([(int(c[0]) - 1, int(c[1]) - 1 if len(c) > 1 and c[1] else -1) for c in corners])
+                materials.append(material)
+            elif line.startswith('usemtl '):
+                material = line.split()[1]
     as_array = lambda rows, width: (np.array(' '.join(rows).split(), dtype=np.float32).reshape(-1, width)
                                     if rows else np.zeros((0, width), np.float32))
-    return as_array(positions, 3), as_array([' '.join(r.split()[:2]) for r in uvs], 2), faces
+    return as_array(positions, 3), as_array([' '.join(r.split()[:2]) for r in uvs], 2), faces, materials
 
 
 def _read_obj_positions(path: str, n_vertices: int) -> np.ndarray:
-    """The first ``n_vertices`` positions of an OBJ [n_vertices, 3] (fast path for blendshapes)."""
+    """The positions of an OBJ [n_vertices, 3] that must have ``n_vertices`` (fast path for blendshapes)."""
     with open(path, encoding='utf-8') as file:
         rows = [line[2:] for line in file if line.startswith('v ')]
-    if len(rows) < n_vertices:
-        raise ModelFileError(f"'{path}' has {len(rows)} vertices, expected at least {n_vertices}: "
+    if len(rows) != n_vertices:
+        raise ModelFileError(f"'{path}' has {len(rows)} vertices, expected {n_vertices}: "
                              f"download ICT-FaceKit again from {ICT_URL}")
-    return np.array(' '.join(rows[:n_vertices]).split(), dtype=np.float32).reshape(n_vertices, 3)
+    return np.array(' '.join(rows).split(), dtype=np.float32).reshape(n_vertices, 3)
 
 
-def _triangulate(polygons: list, n_faces: int):
-    """Fan-triangulate the first ``n_faces`` polygons -> faces [T, 3], uv_faces [T, 3]."""
-    faces, uv_faces = [], []
-    for polygon in polygons[:n_faces]:
+def _triangulate(polygons: list) -> tuple:
+    """Fan-triangulate polygons -> faces [T, 3], uv_faces [T, 3], the polygon of each triangle [T]."""
+    faces, uv_faces, polygon_of = [], [], []
+    for index, polygon in enumerate(polygons):
         for k in range(1, len(polygon) - 1):
             corners = (polygon[0], polygon[k], polygon[k + 1])
             faces.append([c[0] for c in corners])
             uv_faces.append([c[1] for c in corners])
-    return np.array(faces, np.int64), np.array(uv_faces, np.int64)
+            polygon_of.append(index)
+    return np.array(faces, np.int64), np.array(uv_faces, np.int64), np.array(polygon_of, np.int64)
 
 
 def _build_ict(model_folder: str, association_file: str) -> MorphableModel:
     with open(os.path.join(model_folder, 'vertex_indices.json'), encoding='utf-8') as file:
         indices = json.load(file)
-    neutral, uvs, polygons = read_obj(os.path.join(model_folder, 'generic_neutral_mesh.obj'))
-    neutral = neutral[:ICT_FACE_VERTICES]
-    faces, uv_faces = _triangulate(polygons, ICT_FACE_POLYGONS)
-    if faces.max() >= ICT_FACE_VERTICES:
+    neutral, uvs, polygons, materials = read_obj(os.path.join(model_folder, 'generic_neutral_mesh.obj'))
+    head_faces, head_uv_faces, polygon_of = _triangulate(polygons)
+    in_face = polygon_of < ICT_FACE_POLYGONS  # the narrow face area that is fitted
+    faces, uv_faces = head_faces[in_face], head_uv_faces[in_face]
+    if faces.max() >= ICT_FACE_VERTICES or (head_uv_faces < 0).any():
         raise ModelFileError(f"'{model_folder}' does not have the ICT-FaceKit topology ({ICT_URL})")
     used_uvs = np.unique(uv_faces)  # keep only the face area's UVs
     uv_faces = np.searchsorted(used_uvs, uv_faces)
     identity_files = sorted(glob.glob(os.path.join(model_folder, 'identity[0-9][0-9][0-9].obj')))
     if not identity_files:
         raise ModelFileError(f"no identityNNN.obj in '{model_folder}': download ICT-FaceKit from {ICT_URL}")
-    read_delta = lambda path: _read_obj_positions(path, ICT_FACE_VERTICES) - neutral
-    shape_basis = np.stack([read_delta(path) for path in identity_files])
-    expression_basis = np.stack([read_delta(os.path.join(model_folder, name + '.obj'))
-                                 for name in indices['fitting_expressions']])
+    read_delta = lambda path: _read_obj_positions(path, len(neutral)) - neutral
+    head_shape_basis = np.stack([read_delta(path) for path in identity_files])
+    head_expression_basis = np.stack([read_delta(os.path.join(model_folder, name + '.obj'))
+                                      for name in indices['fitting_expressions']])
+    parts = np.array([HEAD_PARTS.index(ICT_MATERIAL_PARTS.get(materials[p], 'face')) for p in polygon_of])
+    to_mm = 10.0  # ICT is in centimetres
+    head = dict(mean_shape=neutral * to_mm, shape_basis=head_shape_basis * to_mm,
+                expression_basis=head_expression_basis * to_mm, faces=head_faces, uvs=uvs,
+                uv_faces=head_uv_faces, parts=parts)
+    n = ICT_FACE_VERTICES
+    neutral, shape_basis, expression_basis = neutral[:n], head_shape_basis[:, :n], head_expression_basis[:, :n]
     if association_file:
         landmarks = read_landmark_association(association_file, ICT_FACE_VERTICES)
     else:
         landmarks = np.asarray(indices['idx_to_landmark_verts'], np.int64)
-    n = ICT_FACE_VERTICES
     diffuse_basis = np.zeros((3, n, 3), np.float32)
     for channel in range(3):  # a global skin colour: one mode per channel
         diffuse_basis[channel, :, channel] = ICT_DIFFUSE_STD
     specular_basis = np.zeros((3, n, 3), np.float32)
     specular_basis[0] = ICT_SPECULAR_STD  # a global specular level, on the first albedo mode
-    to_mm = 10.0  # ICT is in centimetres
     return _canonical_model(
         'ict', neutral * to_mm, shape_basis * to_mm, expression_basis * to_mm, faces,
         uvs[used_uvs], uv_faces, landmarks,
         np.tile(np.float32(ICT_MEAN_DIFFUSE), (n, 1)), diffuse_basis,
-        np.full((n, 3), ICT_MEAN_SPECULAR, np.float32), specular_basis)
+        np.full((n, 3), ICT_MEAN_SPECULAR, np.float32), specular_basis, head)
 
 
 def find_ict_folder(path: str) -> str:

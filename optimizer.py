@@ -8,6 +8,7 @@ light through the ray tracer) -> stage 3 (per-texel diffuse, specular and roughn
 the results. A checkpoint after each stage lets ``--resume`` continue and ``--replay`` render.
 """
 import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -26,10 +27,11 @@ import morphableModel
 import photos
 import renderer
 import results
+import textures
 from config import Config
 from morphableModel import MorphableModel
 from photos import FitImage
-from pipeline import Pipeline, SceneParameters
+from pipeline import Pipeline, SceneParameters, rotation_matrix
 
 
 class RunError(RuntimeError):
@@ -63,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     def fit(images: list[FitImage], shared_identity: bool, checkpoint_key: str) -> None:
         try:
             fit_group(model, images, config, shared_identity, args.output, checkpoint_key, args.resume)
-        except (fitting.FitError, OSError) as error:
-            reason = str(error) if isinstance(error, fitting.FitError) else (
+        except (fitting.FitError, results.WriteError, OSError) as error:
+            reason = str(error) if not isinstance(error, OSError) else (
                 f'writing the results failed ({error.strerror}: {error.filename}); free some space '
                 f'or choose another --output, then continue with --resume')
             message = f"{', '.join(image.path for image in images)}: {reason}"
@@ -132,22 +134,60 @@ def finish_stage(output: str, checkpoint_key: str, pipeline: Pipeline, params: S
 
 def write_results(folder: str, pipeline: Pipeline, params: SceneParameters, images: list[FitImage],
                   targets: fitting.Targets, suffix: str = '') -> None:
-    """Every output of every image: the geometry always, the appearance (maps, material, render,
-    light) once stage 2 has fitted a light."""
+    """Every output of every image (labelled ``{index}{suffix}``)."""
     decoded = pipeline.decode(params)
-    appearance = params.stage >= 2
     for row, image in enumerate(images):
-        label = f'{image.index}{suffix}'
-        vertices = decoded['vertices'][row]
-        if appearance:
-            with torch.no_grad():
-                rendered = pipeline.render(params, row, pipeline.config.rtSamples, 12345, vertices)
-                uv = pipeline.uv_image(row, vertices, float(params.focal[row]))
-            results.write_appearance(folder, label, image, decoded['maps'][params.identity_row(row)], rendered, uv,
-                                     decoded['envmaps'][row], pipeline.config.saveExr)
-        results.write_geometry(folder, label, image, pipeline.model, params.for_image(row), vertices,
-                               decoded['vertex_pixels'][row], decoded['landmarks'][row],
-                               targets.landmark_usable[row], with_material=appearance)
+        write_image_results(folder, f'{image.index}{suffix}', pipeline, params, row, image, decoded,
+                            targets.landmark_usable[row])
+
+
+def write_image_results(folder: str, label: str, pipeline: Pipeline, params: SceneParameters, row: int,
+                        image: FitImage, decoded: dict, usable: torch.Tensor) -> None:
+    """The outputs of image row ``row`` from ``decoded`` (``Pipeline.decode``): the geometry and
+    the glTF head always; the appearance (maps, material, render, light, photo map) once stage 2
+    has fitted a light. Each output is written whatever becomes of the others."""
+    config, model, mesh = pipeline.config, pipeline.model, pipeline.model.export_mesh()
+    identity = params.identity_row(row)
+    vertices = decoded['vertices'][row]
+    skin = textures.skin_textures(*(t.numpy() for t in decoded['maps'][identity]), pipeline.texel_mask,
+                                  mesh.whole_head)
+    path = lambda name: os.path.join(folder, name)
+    writes = {}
+    if params.stage >= 2:
+        with torch.no_grad():
+            rendered = pipeline.render(params, row, config.rtSamples, 12345, vertices)
+            uv = pipeline.uv_image(row, vertices, float(params.focal[row]))
+        photo_map = bake_photo_map(pipeline, params, row, image, vertices, skin.base_colour)
+        if config.exportTexture == 'photo':
+            skin = dataclasses.replace(skin, base_colour=photo_map)
+        writes[f'photoMap_{label}.png'] = lambda: results.save_image(path(f'photoMap_{label}.png'), photo_map)
+        writes[f'the maps, mesh{label}.mtl, render_{label}.png and envMap_{label}'] = lambda: results.write_appearance(
+            folder, label, image, decoded['maps'][identity], rendered, uv, decoded['envmaps'][row], config.saveExr,
+            'photoMap' if config.exportTexture == 'photo' else 'diffuseMap')
+    writes[f'mesh{label}.obj, params{label}.json and landmarks{label}.png'] = lambda: results.write_geometry(
+        folder, label, image, model, params.for_image(row), vertices, decoded['vertex_pixels'][row],
+        decoded['landmarks'][row], usable, with_material=params.stage >= 2)
+    centre = results.head_centre(decoded['neutral_heads'][identity].numpy(), model.landmark_vertices.numpy(),
+                                 mesh.whole_head)
+    writes[f'head{label}.glb'] = lambda: results.write_glb(
+        path(f'head{label}.glb'), mesh, decoded['head_vertices'][row].numpy(), centre,
+        rotation_matrix(params.rotation[row:row + 1])[0].numpy(), params.translation[row].numpy(),
+        float(params.focal[row]), image.size, skin)
+    results.write_all(writes)
+
+
+def bake_photo_map(pipeline: Pipeline, params: SceneParameters, row: int, image: FitImage, vertices: torch.Tensor,
+                   fallback: np.ndarray) -> np.ndarray:
+    """The input photo of image row ``row`` projected into UV space [res, res, 3] (sRGB), from the
+    photo as loaded (its full resolution up to 2048 px, not the fitted crop); texels it does not
+    show take ``fallback`` [res, res, 3] (see ``textures.photo_map``)."""
+    try:
+        photo, reduction = photos.load_image(image.path)
+        photo_scale, photo_offset = image.scale * reduction, np.asarray(image.crop, np.float64) / reduction
+    except photos.InputError:  # the input went away since it was read: the fitted crop serves
+        photo, photo_scale, photo_offset = image.pixels, 1.0, np.zeros(2)
+    view = pipeline.texel_view(params, row, vertices)
+    return textures.bake_photo(photo, photo_scale, photo_offset, view, pipeline.texel_mask, fallback)[0]
 
 
 def debug_writer(output: str, pipeline: Pipeline, images: list[FitImage], stage: int):

@@ -322,13 +322,20 @@ class Pipeline:
         """Everything the result writers need, computed once (no gradients):
         vertices [n, verts, 3] (camera frame) and their pixels [n, verts, 2], landmarks [n, 68, 2]
         (px), per identity row the maps (diffuse, specular, roughness) [res, res, 3|3|1] (linear),
-        envmaps [n, rows, 2·rows, 3]."""
+        envmaps [n, rows, 2·rows, 3]; the exported head (``MorphableModel.export_mesh``) in the
+        model frame: head_vertices [n, head verts, 3], and per identity row at a neutral
+        expression, neutral_heads [n_id, head verts, 3]."""
+        mesh = self.model.export_mesh()
         with torch.no_grad():
             vertices = self.vertices(params)
+            identity_of_image = params.identity[[params.identity_row(row) for row in range(params.n_images)]]
             return dict(vertices=vertices, vertex_pixels=project(vertices, params.focal, self.centres),
                         landmarks=self.landmarks(params, vertices),
                         maps=[self.maps(params, k) for k in range(params.identity.shape[0])],
-                        envmaps=self.envmap(params.sh))
+                        envmaps=self.envmap(params.sh),
+                        head_vertices=mesh.vertices(identity_of_image, params.expression),
+                        neutral_heads=mesh.vertices(params.identity, params.expression.new_zeros(
+                            params.identity.shape[0], self.model.n_expression)))
 
     def turntable(self, params: SceneParameters, row: int, vertices: torch.Tensor, frames: int,
                   degrees: float, spp: int) -> list:
@@ -342,6 +349,23 @@ class Pipeline:
                 turn = rotation_matrix(torch.tensor([[0.0, angle, 0.0]]))[0]
                 renders.append(self.render(params, row, spp, k, (vertices - centre) @ turn.T + centre))
         return renders
+
+    def texel_view(self, params: SceneParameters, row: int, vertices: torch.Tensor) -> dict:
+        """How the camera of image row ``row`` sees each texel of the surface with ``vertices``
+        [verts, 3]: its pixel [res, res, 2] in the fitted image, the cosine between its normal and
+        the direction to the camera [res, res], and whether a ray from the camera reaches it first
+        (ray traced) [res, res]; texels outside the UV map are not visible."""
+        with torch.no_grad():
+            points = self.vertex_texture(vertices)  # [res, res, 3]
+            normals = torch.nn.functional.normalize(
+                self.vertex_texture(utils.vertex_normals(vertices[None], self.model.faces)[0]), dim=-1)
+            to_camera = -torch.nn.functional.normalize(points, dim=-1)
+            pixels = project(points.reshape(1, -1, 3), params.focal[row:row + 1], self.centres[row:row + 1])[0]
+            inside = torch.from_numpy(self.texel_mask)
+            visible = torch.zeros_like(inside)
+            focal = float(params.focal[row])
+            visible[inside] = self.renderer(row, vertices, focal).visible_from_camera(vertices, points[inside])
+        return dict(pixels=pixels.reshape(*points.shape[:2], 2), facing=(normals * to_camera).sum(-1), visible=visible)
 
     def uv_image(self, row: int, vertices: torch.Tensor, focal: float) -> torch.Tensor:
         """The texture coordinate seen by each pixel of image row ``row`` [h, w, 2] (v up)."""

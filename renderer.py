@@ -198,14 +198,31 @@ class FaceRenderer:
         padding = (0, 0, x0, self.width - x1, y0, self.height - y1)  # last dimension first
         return torch.nn.functional.pad(image, padding) if any(padding) else image
 
-    def uv_image(self, vertices: torch.Tensor, focal: float) -> torch.Tensor:
-        """The texture coordinate seen by each pixel [height, width, 2] (OBJ convention, v up),
-        for showing the maps in image space. Not differentiable."""
-        self.set_focal(focal)
+    def _set_positions(self, vertices: torch.Tensor) -> None:
+        """Put ``vertices`` [verts, 3] into the scene outside a differentiable render."""
         self._last_vertices = None
         self.params[self.keys['positions']] = self.mi.Float(
             vertices[self.geometry_index].detach().float().cpu().numpy().reshape(-1))
         self.params.update()
+
+    def visible_from_camera(self, vertices: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Whether each of ``points`` [k, 3] (camera frame, on the surface of the mesh with
+        ``vertices`` [verts, 3]) is the first surface a ray from the camera meets -> bool [k]."""
+        self._set_positions(vertices)
+        mi = self.mi
+        points = points.detach().double().cpu().numpy()
+        distance = np.linalg.norm(points, axis=1)
+        directions = (points / np.maximum(distance, 1e-9)[:, None]).astype(np.float32)
+        rays = mi.Ray3f(mi.Point3f(0.0, 0.0, 0.0), mi.Vector3f(*(mi.Float(directions[:, k]) for k in range(3))))
+        hit = np.array(self.scene.ray_intersect(rays).t, dtype=np.float64)
+        # a texel lies on its triangle, so its own hit is at its distance; 1 mm + 0.1% of slack
+        return torch.from_numpy(hit >= distance - (1.0 + 1e-3 * distance))
+
+    def uv_image(self, vertices: torch.Tensor, focal: float) -> torch.Tensor:
+        """The texture coordinate seen by each pixel [height, width, 2] (OBJ convention, v up),
+        for showing the maps in image space. Not differentiable."""
+        self.set_focal(focal)
+        self._set_positions(vertices)
         image = self._uncrop(torch.from_numpy(np.array(self.mi.render(self.scene, spp=4, integrator=self._uv_integrator))))
         uv = image[..., -2:].clone()
         uv[..., 1] = 1 - uv[..., 1]

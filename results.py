@@ -1,22 +1,46 @@
-"""Writing results: reflectance maps, meshes with their material, render composites, the light
-as an environment map, parameters as JSON, landmark overlays, turntables and debug images.
+"""Writing results: reflectance maps, meshes with their material, the head as glTF, render
+composites, the light as an environment map, parameters as JSON, landmark overlays, turntables
+and debug images.
 
 Every writer receives what it writes (vertices, maps, renders, computed once by the caller) and
 computes nothing of the fit again. Every file is written atomically (see ``utils.atomic_path``).
 """
+import io
 import json
 import os
 
 import numpy as np
+import pygltflib
 import torch
 from PIL import Image, ImageDraw
 
 import utils
-from morphableModel import MorphableModel
+from morphableModel import HEAD_PARTS, HeadMesh, MorphableModel
 from photos import FitImage
 from pipeline import SceneParameters, rotation_matrix
+from textures import SkinTextures
 
 TURNTABLE_FRAMES, TURNTABLE_DEGREES, TURNTABLE_SPP = 36, 35.0, 32
+
+
+class WriteError(RuntimeError):
+    """Some outputs of an image could not be written (the others were); the message names them."""
+
+
+def write_all(writes: dict) -> None:
+    """Run every writer (what it writes -> a function), each whatever became of the others; then
+    raise WriteError naming those that failed and why."""
+    failed = []
+    for what, write in writes.items():
+        try:
+            write()
+        except OSError as error:
+            failed.append(f'writing the results failed ({error.strerror or error}: {error.filename}) for {what}')
+        except (RuntimeError, ValueError, TypeError) as error:
+            failed.append(f'writing the results failed ({type(error).__name__}: {error}) for {what}')
+    if failed:
+        raise WriteError('; '.join(failed) + '; the other outputs were written: free some space or choose another '
+                         '--output, then continue with --resume')
 
 
 # ------------------------------------------------------------------------------ image files
@@ -167,10 +191,11 @@ def write_geometry(folder: str, label: str, image: FitImage, model: MorphableMod
 
 
 def write_appearance(folder: str, label: str, image: FitImage, maps: tuple, rendered: torch.Tensor,
-                     uv: torch.Tensor, envmap: torch.Tensor, save_exr: bool) -> None:
+                     uv: torch.Tensor, envmap: torch.Tensor, save_exr: bool, colour_map: str) -> None:
     """The maps of one image (linear diffuse [res, res, 3], specular [res, res, 3], roughness
     [res, res, 1]) as ``diffuseMap_``/``specularMap_``/``roughnessMap_{label}.png`` and the
-    material ``mesh{label}.mtl`` using them; ``render_{label}.png`` (input | overlay |
+    material ``mesh{label}.mtl`` using them (its colour from ``colour_map``: ``diffuseMap`` or
+    ``photoMap``); ``render_{label}.png`` (input | overlay |
     reconstruction | the three maps as the camera sees them, from the per-pixel ``uv`` [h, w, 2])
     of the final render [h, w, 4]; the light ``envMap_{label}`` from ``envmap`` [rows, 2·rows, 3]."""
     diffuse, specular, roughness = (t.numpy() for t in maps)
@@ -178,7 +203,7 @@ def write_appearance(folder: str, label: str, image: FitImage, maps: tuple, rend
                    roughnessMap=np.repeat(roughness, 3, axis=2))
     for key, value in encoded.items():
         save_image(os.path.join(folder, f'{key}_{label}.png'), value)
-    write_mtl(os.path.join(folder, f'mesh{label}.mtl'), f'diffuseMap_{label}.png', f'specularMap_{label}.png',
+    write_mtl(os.path.join(folder, f'mesh{label}.mtl'), f'{colour_map}_{label}.png', f'specularMap_{label}.png',
               f'roughnessMap_{label}.png')
     rendered = rendered.numpy()
     black = np.zeros_like(image.pixels)
@@ -187,3 +212,196 @@ def write_appearance(folder: str, label: str, image: FitImage, maps: tuple, rend
         panels.append(composite(np.concatenate([sample_map(value, uv), rendered[..., 3:]], axis=2), black, encoded=True))
     save_image(os.path.join(folder, f'render_{label}.png'), np.concatenate(panels, axis=1))
     save_envmap(os.path.join(folder, f'envMap_{label}.{"exr" if save_exr else "png"}'), envmap.numpy())
+
+
+# ------------------------------------------------------------------------------------ glTF
+
+# glTF's frame is metres, +Y up, the face looking along +Z; the model's and the camera's are mm,
+# y down, the face toward -z: a half turn about x, and a scale.
+TO_GLTF = np.array([1.0, -1.0, -1.0])
+MM_TO_M = 0.001
+# A face mask has no back of the head: its centre is taken this far behind the eyes (mm).
+HEAD_CENTRE_BEHIND_EYES = 80.0
+# glTF's default index of refraction (1.5) gives dielectrics this F0; KHR_materials_specular's
+# colour scales it.
+GLTF_DIELECTRIC_F0 = 0.04
+# Plain materials of the parts the fit does not see: linear base colour, roughness (glTF's, √α).
+PART_MATERIALS = {'mouth': ((0.42, 0.10, 0.10), 0.45), 'teeth': ((0.80, 0.76, 0.66), 0.35),
+                  'sclera': ((0.80, 0.77, 0.74), 0.2), 'iris': ((0.09, 0.05, 0.03), 0.25),
+                  'eyelashes': ((0.02, 0.015, 0.01), 0.6)}
+# ICT-FaceKit's shells for Unreal's eye shader (lacrimal fluid, eye blend, eye occlusion): drawn
+# opaque by any other viewer they would hide the eyes, so their triangles are left out (their
+# vertices stay: the model's vertex order is kept).
+LEFT_OUT_PARTS = ('lacrimal_fluid', 'eye_blend', 'eye_occlusion')
+
+
+def head_centre(neutral: np.ndarray, landmark_vertices: np.ndarray, whole_head: bool) -> np.ndarray:
+    """The centre of the head [3] (model frame, mm) of its neutral vertices [verts, 3]: between
+    the eyes in x and y; in depth halfway between the face and the back of the head, or (a face
+    mask) HEAD_CENTRE_BEHIND_EYES behind the eyes."""
+    eyes = landmark_vertices[36:48]
+    eyes = eyes[eyes >= 0]
+    centre = (neutral[eyes] if len(eyes) else neutral).mean(0)
+    if whole_head:
+        centre[2] = (neutral[:, 2].min() + neutral[:, 2].max()) / 2
+    else:
+        centre[2] += HEAD_CENTRE_BEHIND_EYES  # z points back, away from the face
+    return centre
+
+
+def camera_pose_in_gltf(rotation: np.ndarray, translation: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """The glTF camera node's matrix [4, 4] for the pose X_cam = R X + t [3, 3], [3] (mm) of a
+    head exported about ``centre``: a glTF camera looks along its -Z with +Y up, our camera along
+    +z with y down, the same half turn as the head's."""
+    flip = np.diag(TO_GLTF)
+    matrix = np.eye(4)
+    matrix[:3, :3] = flip @ rotation.T @ flip
+    matrix[:3, 3] = -MM_TO_M * flip @ (rotation.T @ translation + centre)
+    return matrix
+
+
+def split_uv_seams(faces: np.ndarray, uv_faces: np.ndarray, n_vertices: int) -> tuple:
+    """Give every vertex one UV: corners whose UV differs from their vertex's first get a copy
+    appended after all ``n_vertices`` (so the model's order is kept) -> (triangles [tris, 3] over
+    the new vertices, source vertex of each new vertex [m], its UV index [m])."""
+    pairs = np.stack([faces.reshape(-1), uv_faces.reshape(-1)], axis=1)
+    unique, inverse = np.unique(pairs, axis=0, return_inverse=True)  # sorted by vertex, then UV
+    first = np.zeros(len(unique), bool)
+    first[np.unique(unique[:, 0], return_index=True)[1]] = True
+    index = np.where(first, unique[:, 0], n_vertices + np.cumsum(~first) - 1)
+    source = np.concatenate([np.arange(n_vertices), unique[~first, 0]])
+    uv_index = np.zeros(len(source), np.int64)
+    uv_index[index] = unique[:, 1]
+    return index[inverse.reshape(-1)].reshape(-1, 3), source, uv_index
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A float image in [0, 1] [h, w, c] -> PNG file content."""
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buffer, format='PNG')
+    return buffer.getvalue()
+
+
+class GlbBuilder:
+    """A glTF 2.0 binary asset assembled with pygltflib: one buffer of accessors and PNG images."""
+
+    def __init__(self):
+        self.gltf = pygltflib.GLTF2(asset=pygltflib.Asset(version='2.0', generator='faceRecon'),
+                                    samplers=[pygltflib.Sampler(magFilter=pygltflib.LINEAR,
+                                                                minFilter=pygltflib.LINEAR_MIPMAP_LINEAR)])
+        self.blob = bytearray()
+
+    def view(self, data: bytes, target: int = None) -> int:
+        while len(self.blob) % 4:
+            self.blob.append(0)
+        self.gltf.bufferViews.append(pygltflib.BufferView(buffer=0, byteOffset=len(self.blob),
+                                                          byteLength=len(data), target=target))
+        self.blob.extend(data)
+        return len(self.gltf.bufferViews) - 1
+
+    def accessor(self, array: np.ndarray, with_bounds: bool = False) -> int:
+        """float32 [k, 2|3] vertex attributes or uint32 [k] indices -> accessor index."""
+        indices = array.ndim == 1
+        array = np.ascontiguousarray(array, np.uint32 if indices else np.float32)
+        view = self.view(array.tobytes(), pygltflib.ELEMENT_ARRAY_BUFFER if indices else pygltflib.ARRAY_BUFFER)
+        bounds = dict(min=array.min(0).tolist(), max=array.max(0).tolist()) if with_bounds else {}
+        self.gltf.accessors.append(pygltflib.Accessor(
+            bufferView=view, componentType=pygltflib.UNSIGNED_INT if indices else pygltflib.FLOAT,
+            count=len(array), type=pygltflib.SCALAR if indices else f'VEC{array.shape[1]}', **bounds))
+        return len(self.gltf.accessors) - 1
+
+    def texture(self, image: np.ndarray, name: str) -> pygltflib.TextureInfo:
+        """An embedded PNG of a float image [h, w, c] -> texture info for a material."""
+        view = self.view(png_bytes(image))
+        self.gltf.images.append(pygltflib.Image(bufferView=view, mimeType='image/png', name=name))
+        self.gltf.textures.append(pygltflib.Texture(sampler=0, source=len(self.gltf.images) - 1))
+        return pygltflib.TextureInfo(index=len(self.gltf.textures) - 1)
+
+    def material(self, name: str, base_colour, roughness: float, specular=None, textures: dict = None,
+                 double_sided: bool = False) -> int:
+        """A metallic-roughness material (metallic 0) with an optional KHR_materials_specular
+        F0 colour ``specular`` [3] (linear) -> material index."""
+        textures = textures or {}
+        pbr = pygltflib.PbrMetallicRoughness(
+            baseColorFactor=[*map(float, base_colour), 1.0], metallicFactor=0.0, roughnessFactor=float(roughness),
+            baseColorTexture=textures.get('base_colour'), metallicRoughnessTexture=textures.get('roughness'))
+        extensions = {}
+        if specular is not None:
+            extensions['KHR_materials_specular'] = dict(
+                specularFactor=1.0, specularColorFactor=[float(s) / GLTF_DIELECTRIC_F0 for s in specular],
+                **({'specularColorTexture': {'index': textures['specular'].index}} if 'specular' in textures else {}))
+            if 'KHR_materials_specular' not in self.gltf.extensionsUsed:
+                self.gltf.extensionsUsed.append('KHR_materials_specular')
+        self.gltf.materials.append(pygltflib.Material(name=name, pbrMetallicRoughness=pbr, extensions=extensions,
+                                                      doubleSided=double_sided))
+        return len(self.gltf.materials) - 1
+
+    def save(self, path: str) -> None:
+        self.gltf.buffers = [pygltflib.Buffer(byteLength=len(self.blob))]
+        self.gltf.set_binary_blob(bytes(self.blob))
+        with utils.atomic_path(path) as temporary:
+            self.gltf.save_binary(temporary)
+
+
+def skin_materials(builder: GlbBuilder, skin: SkinTextures, textured: bool) -> tuple:
+    """The face's material (textured where the model has a UV map) and the plain one of the skin
+    beyond it -> (face material, back of the head material)."""
+    level_roughness = float(np.sqrt(skin.roughness_level))
+    back = builder.material('skin', skin.diffuse_level, level_roughness, skin.specular_level)
+    if not textured:
+        return back, back
+    peak = max(float(skin.specular.max()), 1e-6)  # the F0 texture is stored relative to its peak
+    roughness = np.concatenate([np.ones_like(skin.roughness), np.sqrt(skin.roughness),
+                                np.zeros_like(skin.roughness)], axis=2)  # glTF: G roughness, B metallic
+    textures = dict(base_colour=builder.texture(skin.base_colour, 'baseColor'),
+                    roughness=builder.texture(roughness, 'metallicRoughness'),
+                    specular=builder.texture(utils.linear_to_srgb(skin.specular / peak), 'specularColor'))
+    face = builder.material('face', (1.0, 1.0, 1.0), 1.0, (peak, peak, peak), textures)
+    return face, back
+
+
+def write_glb(path: str, mesh: HeadMesh, vertices: np.ndarray, centre: np.ndarray, rotation: np.ndarray,
+              translation: np.ndarray, focal: float, size: tuple, skin: SkinTextures) -> None:
+    """``head{i}.glb``: the head (``mesh``'s triangles, ``vertices`` [verts, 3] model frame, mm)
+    in glTF's frame about ``centre`` [3], one material per part, and the fitted camera (pose
+    [3, 3], [3], focal px, fitted image ``size`` (w, h)) as a camera node."""
+    faces, uv_faces, parts = mesh.faces.numpy(), mesh.uv_faces.numpy(), mesh.parts.numpy()
+    keep = ~np.isin(parts, [HEAD_PARTS.index(name) for name in LEFT_OUT_PARTS])
+    faces, uv_faces, parts = faces[keep], uv_faces[keep], parts[keep]
+    textured = len(mesh.uvs) > 0
+    normals = utils.vertex_normals(torch.from_numpy(vertices).float()[None], torch.from_numpy(faces))[0].numpy()
+    if textured:
+        triangles, source, uv_index = split_uv_seams(faces, uv_faces, len(vertices))
+        uvs = mesh.uvs.numpy()[uv_index] * [1, -1] + [0, 1]  # glTF's v runs down the image
+    else:
+        triangles, source = faces, np.arange(len(vertices))
+    builder = GlbBuilder()
+    attributes = pygltflib.Attributes(
+        POSITION=builder.accessor(MM_TO_M * (vertices[source] - centre) * TO_GLTF, with_bounds=True),
+        NORMAL=builder.accessor(normals[source] * TO_GLTF),
+        TEXCOORD_0=builder.accessor(uvs) if textured else None)
+    face_material, back_material = skin_materials(builder, skin, textured)
+    materials = {'face': face_material, 'back_of_head': back_material}
+    primitives = []
+    for part in np.unique(parts):
+        name = HEAD_PARTS[part]
+        if name not in materials:
+            colour, roughness = PART_MATERIALS[name]
+            materials[name] = builder.material(name, colour, roughness, double_sided=name == 'eyelashes')
+        # glTF winds front faces counter-clockwise; the half turn keeps the model's orientation
+        primitives.append(pygltflib.Primitive(attributes=attributes, material=materials[name],
+                                              indices=builder.accessor(triangles[parts == part].reshape(-1))))
+    width, height = size
+    gltf = builder.gltf
+    gltf.meshes = [pygltflib.Mesh(name='head', primitives=primitives,
+                                  extras=dict(modelVertices=int(len(vertices)),
+                                              seamCopiesOf=source[len(vertices):].tolist()))]
+    gltf.cameras = [pygltflib.Camera(name='photo', type='perspective', perspective=pygltflib.Perspective(
+        yfov=float(2 * np.arctan(height / 2 / focal)), aspectRatio=width / height, znear=0.01, zfar=100.0),
+        extras=dict(focalPixels=float(focal), width=int(width), height=int(height)))]
+    gltf.nodes = [pygltflib.Node(name='head', mesh=0),
+                  pygltflib.Node(name='photo camera', camera=0,
+                                 matrix=camera_pose_in_gltf(rotation, translation, centre).T.reshape(-1).tolist())]
+    gltf.scenes = [pygltflib.Scene(name='fit', nodes=[0, 1])]
+    gltf.scene = 0
+    builder.save(path)

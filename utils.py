@@ -7,16 +7,26 @@ import numpy as np
 import torch
 
 
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it: put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds,
-    so an interrupted or failed write (a full disk) never leaves a half-written file."""
+    so an interrupted or failed write (a full disk) never leaves a half-written file. The file
+    gets the permissions of any file the user creates (0666 less the umask), not the temporary
+    file's private 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=os.path.splitext(path)[1])
     os.close(handle)
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
