@@ -11,7 +11,8 @@ seconds per iteration, total time; the final render time; peak resident memory; 
 accuracy reached (landmark error in px, photometric error next to that of the true parameters,
 vertex error in mm after rigid alignment). ``--profile`` prints where the time of stages 2 and
 3 goes instead of the accuracy; ``--cli`` times the whole command line (model loading, the
-three stages, all outputs) on the synthetic photo instead.
+three stages, all outputs) on the synthetic photo instead; ``--textures`` prints the time of
+stages 2 and 3 and of writing the outputs, and the peak memory, at 512, 1024 and 2048 texels.
 """
 import argparse
 import cProfile
@@ -101,6 +102,31 @@ def time_command_line(folder: str, image, config, args) -> None:
           f'peak memory {usage.ru_maxrss / 1024:.0f} MB')
 
 
+def texture_resolution_run(config, size: int, folder: str) -> dict:
+    """In a process of its own (its peak memory is this fit's): the three stages and every output
+    at ``config.textureResolution`` -> seconds of stages 2 and 3 and of writing the outputs, peak MB."""
+    import fitting
+    import optimizer
+    model, _, image, scene, targets, _ = synthetic_problem(config, size)
+    params, _ = fitting.fit_landmarks(model, targets, config, False)
+    (params, _), stage2 = timed(lambda: fitting.fit_stage2(scene, params, targets))
+    (params, _), stage3 = timed(lambda: fitting.fit_stage3(scene, params, targets))
+    output = os.path.join(folder, f'outputs-{config.textureResolution}')
+    _, writing = timed(lambda: optimizer.write_results(output, scene, params, [image], targets))
+    return dict(stage2=stage2, stage3=stage3, writing=writing,
+                peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def compare_texture_resolutions(config, args, folder: str) -> None:
+    """Stage 2, stage 3, output writing and peak memory at 512, 1024 and 2048 texels."""
+    print(f'{"texels":>7} {"stage 2 s":>10} {"stage 3 s":>10} {"outputs s":>10} {"peak MB":>8}')
+    for resolution in (512, 1024, 2048):
+        with multiprocessing.get_context('spawn').Pool(1) as pool:
+            row = pool.apply(texture_resolution_run, (config.replace(textureResolution=resolution), args.size, folder))
+        print(f'{resolution:>7} {row["stage2"]:>10.1f} {row["stage3"]:>10.1f} {row["writing"]:>10.1f} {row["peak"]:>8.0f}',
+              flush=True)
+
+
 def print_profile(profile: cProfile.Profile, stages_seconds: float) -> None:
     """The functions that take the time of stages 2 and 3, by their own time."""
     stats = pstats.Stats(profile)
@@ -121,6 +147,8 @@ def main() -> None:
     parser.add_argument('--profile', action='store_true', help='profile stages 2 and 3')
     parser.add_argument('--cli', action='store_true',
                         help='time the whole command line (optimizer.py) on the synthetic photo instead')
+    parser.add_argument('--textures', action='store_true',
+                        help='stages 2, 3, the outputs and peak memory at 512, 1024 and 2048 texels instead')
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix='benchmark-')
     os.environ.setdefault('FACE_MODEL_CACHE', os.path.join(folder, 'cache'))
@@ -132,6 +160,9 @@ def main() -> None:
                             **config_module.parse_overrides(args.set))
     if args.iterations:
         config = config.replace(iterStep1=args.iterations[0], iterStep2=args.iterations[1], iterStep3=args.iterations[2])
+    if args.textures:
+        compare_texture_resolutions(config, args, folder)
+        return
     model, truth, image, scene, targets, true_vertices = synthetic_problem(config, args.size)
     print(f'model: {model.mean_shape.shape[0]} vertices, {model.faces.shape[0]} triangles, '
           f'{model.n_shape}/{model.n_expression}/{model.n_albedo} components; {args.size} px, '

@@ -149,7 +149,7 @@ def write_image_results(folder: str, label: str, pipeline: Pipeline, params: Sce
     config, model, mesh = pipeline.config, pipeline.model, pipeline.model.export_mesh()
     identity = params.identity_row(row)
     vertices = decoded['vertices'][row]
-    skin = textures.skin_textures(*(t.numpy() for t in decoded['maps'][identity]), pipeline.texel_mask,
+    skin = textures.skin_textures(*(t.numpy() for t in decoded['maps'][identity]), pipeline.export_mask,
                                   mesh.whole_head)
     path = lambda name: os.path.join(folder, name)
     writes = {}
@@ -187,7 +187,7 @@ def bake_photo_map(pipeline: Pipeline, params: SceneParameters, row: int, image:
     except photos.InputError:  # the input went away since it was read: the fitted crop serves
         photo, photo_scale, photo_offset = image.pixels, 1.0, np.zeros(2)
     view = pipeline.texel_view(params, row, vertices)
-    return textures.bake_photo(photo, photo_scale, photo_offset, view, pipeline.texel_mask, fallback)[0]
+    return textures.bake_photo(photo, photo_scale, photo_offset, view, pipeline.export_mask, fallback)[0]
 
 
 def debug_writer(output: str, pipeline: Pipeline, images: list[FitImage], stage: int):

@@ -25,6 +25,11 @@ from sphericalharmonics import EnvironmentMap, constant_light
 
 # Roughness (GGX α) of the maps before stage 3 fits them per texel.
 INITIAL_ROUGHNESS = 0.45
+# Stages 2 and 3 fit maps of at most this many texels per pixel of the fitted image's side: the
+# photo holds no finer detail (a 256 px fit: 1024² texels, about 25 per pixel of the face), and
+# per-texel fitting costs about 390 bytes a texel (a 2048² fit peaked at 2.5 GB). Larger maps
+# are upsampled from them for output; the photo map is made at the full textureResolution.
+TEXELS_PER_PIXEL = 4
 # Margin around the face's projected bounding box that is ray traced, as a fraction of the image
 # size: room for the pose and shape to move in stages 2 and 3.
 FACE_CROP_MARGIN = 0.08
@@ -136,65 +141,99 @@ class SceneParameters:
 
 # --------------------------------------------------------------------- per-vertex -> texels
 
+# Texels per block of the UV rasterisation and interpolation: all 2048² texels at once would
+# hold gigabytes of candidates; blocks keep the transient memory near 100 MB.
+TEXEL_BLOCK = 1 << 20
+
+
 def uv_triangle_of_texels(uvs: np.ndarray, uv_faces: np.ndarray, resolution: int) -> np.ndarray:
     """The UV triangle that holds each texel centre [res, res] (-1 for none), by rasterising
-    every triangle over the texels of its bounding box (row 0 at v = 1)."""
+    every triangle over the texels of its bounding box (row 0 at v = 1), in blocks of triangles."""
     corners = np.stack([uvs[uv_faces][..., 0] * resolution - 0.5,
                         (1 - uvs[uv_faces][..., 1]) * resolution - 0.5], axis=-1)  # [tris, 3, (col, row)]
     low = np.clip(np.ceil(corners.min(1)), 0, resolution).astype(np.int64)
     high = np.clip(np.floor(corners.max(1)), -1, resolution - 1).astype(np.int64)
     extent = np.maximum(high - low + 1, 0)  # [tris, 2] texels in the bounding box
     count = extent[:, 0] * extent[:, 1]
-    tri = np.repeat(np.arange(len(uv_faces)), count)
-    k = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-    col = low[tri, 0] + k % extent[tri, 0]
-    row = low[tri, 1] + k // extent[tri, 0]
-    a, b, c = corners[tri, 0], corners[tri, 1], corners[tri, 2]  # [candidates, 2]
-    edge = lambda p, q: (q[:, 0] - p[:, 0]) * (row - p[:, 1]) - (q[:, 1] - p[:, 1]) * (col - p[:, 0])
-    e0, e1, e2 = edge(a, b), edge(b, c), edge(c, a)
-    eps = 1e-9
-    inside = ((e0 >= -eps) & (e1 >= -eps) & (e2 >= -eps)) | ((e0 <= eps) & (e1 <= eps) & (e2 <= eps))
-    result = np.full((resolution, resolution), -1, np.int64)
-    result[row[inside], col[inside]] = tri[inside]
+    result = np.full((resolution, resolution), -1, np.int32)
+    blocks = np.searchsorted(np.cumsum(count), np.arange(TEXEL_BLOCK, count.sum(), TEXEL_BLOCK))
+    for triangles in np.split(np.arange(len(uv_faces)), blocks):
+        tri = np.repeat(triangles, count[triangles])
+        first = np.cumsum(count[triangles]) - count[triangles]
+        k = np.arange(len(tri)) - np.repeat(first, count[triangles])
+        col = low[tri, 0] + k % extent[tri, 0]
+        row = low[tri, 1] + k // extent[tri, 0]
+        a, b, c = corners[tri, 0], corners[tri, 1], corners[tri, 2]  # [candidates, 2]
+        edge = lambda p, q: (q[:, 0] - p[:, 0]) * (row - p[:, 1]) - (q[:, 1] - p[:, 1]) * (col - p[:, 0])
+        e0, e1, e2 = edge(a, b), edge(b, c), edge(c, a)
+        eps = 1e-9
+        inside = ((e0 >= -eps) & (e1 >= -eps) & (e2 >= -eps)) | ((e0 <= eps) & (e1 <= eps) & (e2 <= eps))
+        result[row[inside], col[inside]] = tri[inside]
     return result
 
 
-def texel_interpolation(uvs: np.ndarray, uv_faces: np.ndarray, faces: np.ndarray, resolution: int) -> tuple:
-    """The linear map from per-vertex values to a UV texture: (sparse [res·res, verts], mask of
-    the texels inside the UV map [res, res]).
-
-    Texel (row, col) has its centre at u = (col + ½)/res, v = 1 − (row + ½)/res (row 0 on top, as
-    the map images are saved). Its value interpolates the three vertices of the UV triangle that
-    holds it, barycentrically; texels outside every triangle copy the nearest inside texel, so
-    bilinear lookups near the UV boundary and seams do not bleed in black."""
-    n_vertices = int(faces.max()) + 1
-    centres = (np.arange(resolution) + 0.5) / resolution
-    u, v = np.meshgrid(centres, 1 - centres)
-    triangle = uv_triangle_of_texels(uvs, uv_faces, resolution).ravel()  # [res·res], -1 outside
-    inside = triangle >= 0
-    if not inside.any():
-        raise ValueError('the UV map covers no texel')
-    _, nearest = scipy.ndimage.distance_transform_edt(~inside.reshape(resolution, resolution), return_indices=True)
-    source = (nearest[0] * resolution + nearest[1]).ravel()  # each texel -> an inside texel
-    triangle = triangle[source]
-    corners = uvs[uv_faces[triangle]]  # [res·res, 3, 2]
-    points = np.stack([u.ravel(), v.ravel()], axis=1)[source]
+def barycentric(corners: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Barycentric weights [k, 3] of points [k, 2] in triangles [k, 3, 2], clipped into the
+    triangle (for texels outside the UV map, copied from the nearest inside one)."""
     e1, e2, p = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], points - corners[:, 0]
     determinant = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
     b1 = (p[:, 0] * e2[:, 1] - p[:, 1] * e2[:, 0]) / determinant
     b2 = (e1[:, 0] * p[:, 1] - e1[:, 1] * p[:, 0]) / determinant
     weights = np.clip(np.stack([1 - b1 - b2, b1, b2], axis=1), 0, 1)
-    weights /= weights.sum(axis=1, keepdims=True)
-    rows = np.repeat(np.arange(resolution * resolution), 3)
-    matrix = scipy.sparse.csr_matrix((weights.ravel(), (rows, faces[triangle].ravel())),
-                                     shape=(resolution * resolution, n_vertices))
-    return matrix, inside.reshape(resolution, resolution)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def texel_interpolation(uvs: np.ndarray, uv_faces: np.ndarray, faces: np.ndarray, resolution: int) -> tuple:
+    """Per-vertex values -> UV texture, as the three vertices [res·res, 3] (int32) and their
+    barycentric weights [res·res, 3] (float32) of every texel, and the mask of the texels inside
+    the UV map [res, res].
+
+    Texel (row, col) has its centre at u = (col + ½)/res, v = 1 − (row + ½)/res (row 0 on top, as
+    the map images are saved). Its value interpolates the three vertices of the UV triangle that
+    holds it; texels outside every triangle copy the nearest inside texel, so bilinear lookups
+    near the UV boundary and seams do not bleed in black."""
+    triangle = uv_triangle_of_texels(uvs, uv_faces, resolution)  # [res, res], -1 outside
+    inside = triangle >= 0
+    if not inside.any():
+        raise ValueError('the UV map covers no texel')
+    nearest = scipy.ndimage.distance_transform_edt(~inside, return_distances=False, return_indices=True)
+    triangle = triangle[nearest[0], nearest[1]].ravel()  # each texel -> the triangle of an inside texel
+    centres = (np.arange(resolution) + 0.5) / resolution
+    vertices = np.empty((resolution * resolution, 3), np.int32)
+    weights = np.empty((resolution * resolution, 3), np.float32)
+    for block in range(0, resolution * resolution, TEXEL_BLOCK):
+        texels = np.arange(block, min(block + TEXEL_BLOCK, resolution * resolution))
+        rows, cols = nearest[0].ravel()[texels], nearest[1].ravel()[texels]
+        points = np.stack([centres[cols], 1 - centres[rows]], axis=1)  # the (inside) texel copied
+        weights[texels] = barycentric(uvs[uv_faces[triangle[texels]]], points)
+        vertices[texels] = faces[triangle[texels]]
+    return vertices, weights, inside
+
+
+def sparse_interpolation(vertices: np.ndarray, weights: np.ndarray, n_vertices: int):
+    """The interpolation of ``texel_interpolation`` (vertices and weights [m, 3]) as a
+    differentiable function: per-vertex values x [n_vertices, c] -> texels [m, c]. A sparse CSR
+    product (int32 indices), its transpose kept in CSR for the backward pass: torch's own backward
+    of a sparse product converts on every call (0.10 s per call for a 512² map of 28.8k vertices
+    on this project's CPU)."""
+    m = len(vertices)
+    rows = np.arange(0, 3 * m + 1, 3, dtype=np.int32)
+    forward = scipy.sparse.csr_matrix((weights.ravel(), vertices.ravel(), rows), shape=(m, n_vertices))
+
+    def to_torch(matrix: scipy.sparse.csr_matrix) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', 'Sparse CSR tensor support is in beta')
+            warnings.filterwarnings('ignore', 'Sparse invariant checks are implicitly disabled')
+            return torch.sparse_csr_tensor(torch.from_numpy(matrix.indptr.astype(np.int32)),
+                                           torch.from_numpy(matrix.indices.astype(np.int32)),
+                                           torch.from_numpy(matrix.data.astype(np.float32)), matrix.shape,
+                                           check_invariants=False)
+    matrix, transposed = to_torch(forward), to_torch(forward.T.tocsr())
+    return lambda x: _SparseProduct.apply(matrix, transposed, x)
 
 
 class _SparseProduct(torch.autograd.Function):
-    """matrix @ x with the transpose kept in CSR too: torch's own backward of a sparse COO
-    product transposes and converts on every call (0.10 s per call for a 512² map of 28.8k
-    vertices on this project's CPU, most of a step's texture cost)."""
+    """matrix @ x, with the backward pass by the transposed matrix given in CSR."""
 
     @staticmethod
     def forward(ctx, matrix, transposed, x):
@@ -204,21 +243,6 @@ class _SparseProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gradient):
         return None, None, ctx.transposed @ gradient
-
-
-def sparse_linear_map(matrix: scipy.sparse.spmatrix):
-    """A scipy sparse matrix [m, n] -> a differentiable function x [n, c] -> [m, c]."""
-    def to_csr(m):
-        m = m.tocsr()
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', 'Sparse CSR tensor support is in beta')
-            warnings.filterwarnings('ignore', 'Sparse invariant checks are implicitly disabled')
-            return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
-                                           torch.from_numpy(m.indices.astype(np.int64)),
-                                           torch.from_numpy(m.data.astype(np.float32)), m.shape,
-                                           check_invariants=False)
-    forward, transposed = to_csr(matrix), to_csr(matrix.T)
-    return lambda x: _SparseProduct.apply(forward, transposed, x)
 
 
 # ---------------------------------------------------------------------------- the pipeline
@@ -234,11 +258,29 @@ class Pipeline:
         self.model, self.config, self.sizes = model, config, list(sizes)
         self.centres = image_centres(self.sizes)  # [n, 2]
         self.crop_to_face = crop_to_face  # ray trace only around the face (see ``renderer``)
-        self._renderers = {}
-        matrix, self.texel_mask = texel_interpolation(
-            model.uvs.numpy(), model.uv_faces.numpy(), model.faces.numpy(), config.textureResolution)
-        self._texels = sparse_linear_map(matrix)  # [verts, c] -> [res·res, c]
+        self._renderers, self._texel_maps = {}, {}
+        self.resolution = fitted_texture_resolution(config)  # of the maps that are fitted and rendered
         self.envmap = EnvironmentMap(config.bands, config.envMapRes, config.smoothSh)
+
+    # textures
+    def texels(self, resolution: int) -> tuple:
+        """The UV interpolation at ``resolution``, built once: (per-vertex values [verts, c] ->
+        texels [res·res, c], mask of the texels inside the UV map [res, res])."""
+        if resolution not in self._texel_maps:
+            vertices, weights, mask = texel_interpolation(self.model.uvs.numpy(), self.model.uv_faces.numpy(),
+                                                          self.model.faces.numpy(), resolution)
+            self._texel_maps[resolution] = sparse_interpolation(vertices, weights, len(self.model.mean_shape)), mask
+        return self._texel_maps[resolution]
+
+    @property
+    def texel_mask(self) -> np.ndarray:
+        """[res, res] the fitted maps' texels inside the UV map."""
+        return self.texels(self.resolution)[1]
+
+    @property
+    def export_mask(self) -> np.ndarray:
+        """[textureResolution, textureResolution] the exported maps' texels inside the UV map."""
+        return self.texels(self.config.textureResolution)[1]
 
     # geometry
     def vertices(self, params: SceneParameters) -> torch.Tensor:
@@ -251,18 +293,18 @@ class Pipeline:
         return project(vertices[:, self.model.landmark_vertices.clamp_min(0)], params.focal, self.centres)
 
     # reflectance and light
-    def vertex_texture(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-vertex values [verts, c] -> UV map [res, res, c]."""
-        res = self.config.textureResolution
-        return self._texels(values).reshape(res, res, -1)
+    def vertex_texture(self, values: torch.Tensor, resolution: int = None) -> torch.Tensor:
+        """Per-vertex values [verts, c] -> UV map [res, res, c] (res: the fitted maps', unless given)."""
+        resolution = resolution or self.resolution
+        return self.texels(resolution)[0](values).reshape(resolution, resolution, -1)
 
-    def statistical_maps(self, params: SceneParameters, identity: int) -> tuple:
+    def statistical_maps(self, params: SceneParameters, identity: int, resolution: int = None) -> tuple:
         """The diffuse and specular maps [res, res, 3] of the statistical albedo of identity row
         ``identity``."""
         coefficients = params.albedo[identity:identity + 1]
         diffuse = self.model.diffuse_albedo(coefficients)[0].clamp(0, 1)
         specular = self.model.specular_albedo(coefficients)[0].clamp(0, 1)
-        return self.vertex_texture(diffuse), self.vertex_texture(specular)
+        return self.vertex_texture(diffuse, resolution), self.vertex_texture(specular, resolution)
 
     def maps(self, params: SceneParameters, identity: int) -> tuple:
         """(diffuse [res, res, 3], specular [res, res, 3], roughness [res, res, 1]) of identity
@@ -272,6 +314,15 @@ class Pipeline:
             return params.diffuse_map[identity], params.specular_map[identity], params.roughness_map[identity]
         diffuse, specular = self.statistical_maps(params, identity)
         return diffuse, specular, torch.full((*diffuse.shape[:2], 1), INITIAL_ROUGHNESS)
+
+    def export_maps(self, params: SceneParameters, identity: int) -> tuple:
+        """``maps`` at textureResolution: the fitted per-texel maps resampled to it, or the
+        statistical albedo evaluated at it."""
+        resolution = self.config.textureResolution
+        if params.diffuse_map is None:
+            diffuse, specular = self.statistical_maps(params, identity, resolution)
+            return diffuse, specular, torch.full((resolution, resolution, 1), INITIAL_ROUGHNESS)
+        return tuple(resize_map(texture, resolution) for texture in self.maps(params, identity))
 
     def initial_light(self, params: SceneParameters, photos: list) -> torch.Tensor:
         """Uniform SH light [n, bands², 3] that makes the mean albedo match each photo's mean face
@@ -304,7 +355,7 @@ class Pipeline:
                     crop = (*low.int().tolist(), *high.int().tolist())
             config = self.config
             self._renderers[row] = renderer.FaceRenderer(
-                self.model.faces, self.model.uv_faces, self.model.uvs, width, height, config.textureResolution,
+                self.model.faces, self.model.uv_faces, self.model.uvs, width, height, self.resolution,
                 config.envMapRes, config.device, config.integrator, crop)
         return self._renderers[row]
 
@@ -321,7 +372,8 @@ class Pipeline:
     def decode(self, params: SceneParameters) -> dict:
         """Everything the result writers need, computed once (no gradients):
         vertices [n, verts, 3] (camera frame) and their pixels [n, verts, 2], landmarks [n, 68, 2]
-        (px), per identity row the maps (diffuse, specular, roughness) [res, res, 3|3|1] (linear),
+        (px), per identity row the maps (diffuse, specular, roughness) [res, res, 3|3|1] (linear,
+        at textureResolution),
         envmaps [n, rows, 2·rows, 3]; the exported head (``MorphableModel.export_mesh``) in the
         model frame: head_vertices [n, head verts, 3], and per identity row at a neutral
         expression, neutral_heads [n_id, head verts, 3]."""
@@ -331,7 +383,7 @@ class Pipeline:
             identity_of_image = params.identity[[params.identity_row(row) for row in range(params.n_images)]]
             return dict(vertices=vertices, vertex_pixels=project(vertices, params.focal, self.centres),
                         landmarks=self.landmarks(params, vertices),
-                        maps=[self.maps(params, k) for k in range(params.identity.shape[0])],
+                        maps=[self.export_maps(params, k) for k in range(params.identity.shape[0])],
                         envmaps=self.envmap(params.sh),
                         head_vertices=mesh.vertices(identity_of_image, params.expression),
                         neutral_heads=mesh.vertices(params.identity, params.expression.new_zeros(
@@ -351,17 +403,19 @@ class Pipeline:
         return renders
 
     def texel_view(self, params: SceneParameters, row: int, vertices: torch.Tensor) -> dict:
-        """How the camera of image row ``row`` sees each texel of the surface with ``vertices``
-        [verts, 3]: its pixel [res, res, 2] in the fitted image, the cosine between its normal and
-        the direction to the camera [res, res], and whether a ray from the camera reaches it first
-        (ray traced) [res, res]; texels outside the UV map are not visible."""
+        """How the camera of image row ``row`` sees each texel (at textureResolution) of the
+        surface with ``vertices`` [verts, 3]: its pixel [res, res, 2] in the fitted image, the
+        cosine between its normal and the direction to the camera [res, res], and whether a ray
+        from the camera reaches it first (ray traced) [res, res]; texels outside the UV map are
+        not visible."""
+        resolution = self.config.textureResolution
         with torch.no_grad():
-            points = self.vertex_texture(vertices)  # [res, res, 3]
+            points = self.vertex_texture(vertices, resolution)  # [res, res, 3]
             normals = torch.nn.functional.normalize(
-                self.vertex_texture(utils.vertex_normals(vertices[None], self.model.faces)[0]), dim=-1)
+                self.vertex_texture(utils.vertex_normals(vertices[None], self.model.faces)[0], resolution), dim=-1)
             to_camera = -torch.nn.functional.normalize(points, dim=-1)
             pixels = project(points.reshape(1, -1, 3), params.focal[row:row + 1], self.centres[row:row + 1])[0]
-            inside = torch.from_numpy(self.texel_mask)
+            inside = torch.from_numpy(self.export_mask)
             visible = torch.zeros_like(inside)
             focal = float(params.focal[row])
             visible[inside] = self.renderer(row, vertices, focal).visible_from_camera(vertices, points[inside])
@@ -370,6 +424,24 @@ class Pipeline:
     def uv_image(self, row: int, vertices: torch.Tensor, focal: float) -> torch.Tensor:
         """The texture coordinate seen by each pixel of image row ``row`` [h, w, 2] (v up)."""
         return self.renderer(row, vertices, focal).uv_image(vertices, focal)
+
+
+def fitted_texture_resolution(config: Config) -> int:
+    """The side of the maps that stages 2 and 3 fit: textureResolution, halved while it is over
+    TEXELS_PER_PIXEL · maxResolution (and over 256)."""
+    resolution = config.textureResolution
+    while resolution > max(256, TEXELS_PER_PIXEL * config.maxResolution):
+        resolution //= 2
+    return resolution
+
+
+def resize_map(texture: torch.Tensor, resolution: int) -> torch.Tensor:
+    """A map [res, res, c] resampled (bilinear) to [resolution, resolution, c]."""
+    if texture.shape[0] == resolution:
+        return texture
+    resized = torch.nn.functional.interpolate(texture.permute(2, 0, 1)[None], size=(resolution, resolution),
+                                              mode='bilinear', align_corners=False)
+    return resized[0].permute(1, 2, 0)
 
 
 def model_vertices(model: MorphableModel, params: SceneParameters) -> torch.Tensor:

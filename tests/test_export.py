@@ -97,7 +97,7 @@ def test_the_ict_glb_is_the_whole_head_upright_life_size_with_the_camera_of_the_
     base = np.asarray(material.baseColorTexture)
     assert base.shape[:2] == (256, 256)
     diffuse = np.asarray(Image.open(output / 'diffuseMap_0.png'))
-    mask = pipeline.texel_interpolation(model.uvs.numpy(), model.uv_faces.numpy(), model.faces.numpy(), 256)[1]
+    mask = pipeline.texel_interpolation(model.uvs.numpy(), model.uv_faces.numpy(), model.faces.numpy(), 256)[2]
     inner = scipy_erode(mask, 12)  # the skin fades into its level only at the fitted area's border
     assert np.abs(base[inner][:, :3].astype(int) - diffuse[inner].astype(int)).max() <= 1
     assert np.asarray(material.metallicRoughnessTexture).shape[:2] == (256, 256)
@@ -118,7 +118,7 @@ def test_the_skin_beyond_the_fitted_area_has_no_seam(ict_fit):
     scene = trimesh.load(str(output / 'head0.glb'), process=False)
     back = next(m for m in document.materials if m.name == 'skin').pbrMetallicRoughness.baseColorFactor[:3]
     base = np.asarray(scene.geometry['head'].visual.material.baseColorTexture)[..., :3] / 255
-    mask = pipeline.texel_interpolation(model.uvs.numpy(), model.uv_faces.numpy(), model.faces.numpy(), 256)[1]
+    mask = pipeline.texel_interpolation(model.uvs.numpy(), model.uv_faces.numpy(), model.faces.numpy(), 256)[2]
     border = mask & ~scipy_erode(mask, 1)
     difference = np.abs(utils.srgb_to_linear(base[border]) - back).max()
     print(f'skin seam: largest colour difference at the border {difference:.4f}')
@@ -144,17 +144,17 @@ def test_photo_map_matches_a_known_texture(small_bfm):
     image, scene, _, vertices = synthetic.synthetic_photo(model, truth, cfg, size, background=0.0)
     view = scene.texel_view(truth, 0, vertices)
     fallback = np.zeros((res, res, 3), np.float32)
-    photo_map, weights = textures.bake_photo(image.pixels, 1.0, np.zeros(2), view, scene.texel_mask, fallback)
+    photo_map, weights = textures.bake_photo(image.pixels, 1.0, np.zeros(2), view, scene.export_mask, fallback)
     truth_srgb = utils.linear_to_srgb(texture)
     seen = weights > 0.99
-    mirrored = (weights < 0.01) & (weights[:, ::-1] > 0.99) & scene.texel_mask
+    mirrored = (weights < 0.01) & (weights[:, ::-1] > 0.99) & scene.export_mask
     error = np.abs(photo_map[seen] - truth_srgb[seen]).mean(0)
     mirror_error = np.abs(photo_map[mirrored] - truth_srgb[mirrored]).mean()
     print(f'photo map: {seen.sum()} texels seen, mean error {error.round(4)} (8-bit: {(error * 255).round(1)}); '
           f'{mirrored.sum()} hidden texels from their mirror, error {mirror_error:.4f}')
-    assert seen.sum() > 0.3 * scene.texel_mask.sum() and mirrored.sum() > 100
+    assert seen.sum() > 0.3 * scene.export_mask.sum() and mirrored.sum() > 100
     assert error.max() < 0.03 and mirror_error < 0.05
-    outside = ~scene.texel_mask | ((weights == 0) & (weights[:, ::-1] == 0))
+    outside = ~scene.export_mask | ((weights == 0) & (weights[:, ::-1] == 0))
     assert np.abs(photo_map[outside]).max() == 0  # the rest is the fallback
 
 
@@ -217,3 +217,20 @@ def test_results_get_the_users_permissions(tmp_path):
         os.umask(previous)
     assert os.stat(tmp_path / 'a.txt').st_mode & 0o777 == 0o644
     assert os.stat(tmp_path / 'b.txt').st_mode & 0o777 == 0o640
+
+
+def test_maps_are_fitted_at_four_texels_per_pixel_and_exported_at_the_texture_resolution(small_bfm):
+    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    cfg = config.Config().replace(textureResolution=2048, maxResolution=128)
+    scene = pipeline.Pipeline(model, cfg, [(128, 128)])
+    assert scene.resolution == 512 and pipeline.fitted_texture_resolution(cfg.replace(maxResolution=512)) == 2048
+    assert pipeline.fitted_texture_resolution(cfg.replace(textureResolution=256, maxResolution=64)) == 256
+    params = pipeline.SceneParameters.zeros(model, 1, 1, bands=3)
+    statistical = scene.export_maps(params, 0)
+    assert [tuple(t.shape) for t in statistical] == [(2048, 2048, 3), (2048, 2048, 3), (2048, 2048, 1)]
+    u = torch.linspace(0, 1, 512)
+    params.diffuse_map = torch.stack([u[None, :].expand(512, 512)] * 3, dim=-1)[None]  # a ramp in u
+    params.specular_map, params.roughness_map = torch.zeros(1, 512, 512, 3), torch.full((1, 512, 512, 1), 0.3)
+    diffuse, _, roughness = scene.export_maps(params, 0)
+    assert diffuse.shape == (2048, 2048, 3) and float((roughness - 0.3).abs().max()) < 1e-6
+    assert float((diffuse[:, ::4].mean(0) - params.diffuse_map[0].mean(0)).abs().max()) < 2e-3
