@@ -436,7 +436,11 @@ def _canonical_model(name, mean_shape, shape_basis, expression_basis, faces, uvs
         faces = faces[:, ::-1]
         uv_faces = None if uv_faces is None else uv_faces[:, ::-1]
     if uvs is None:
-        uvs, uv_faces = face_uv_map(mean_shape, faces), faces
+        try:
+            uvs, uv_faces = face_uv_map(mean_shape, faces), faces
+        except ValueError as error:
+            raise ModelFileError(f"the {name} model's mesh has no UV map and none can be made ({error}): "
+                                 f"use the model's original files") from None
     head_mesh = None
     if head is not None:
         corners = (lambda a: a[:, ::-1]) if flip else (lambda a: a)

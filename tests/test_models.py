@@ -134,3 +134,17 @@ def test_ict_loads_from_its_original_layout(ict_folder):
     assert (signed > 0).all()
     # faces point toward the camera (-z)
     assert utils.face_normals_np(model.mean_shape.numpy(), model.faces.numpy())[:, 2].sum() < 0
+
+
+def test_a_model_whose_mesh_can_have_no_uv_map_is_refused_clearly(small_bfm, tmp_path):
+    """A closed mesh (no boundary) cannot be flattened into a UV map: a ModelFileError, no traceback."""
+    import h5py
+    import shutil
+    folder = tmp_path / 'closed'
+    shutil.copytree(small_bfm['folder'], folder)
+    with h5py.File(folder / morphableModel.BFM_FILE, 'r+') as h5:
+        cells = h5['shape/representer/cells'][()]
+        del h5['shape/representer/cells']
+        h5['shape/representer/cells'] = np.concatenate([cells, cells[::-1]], axis=1)  # every edge twice
+    with pytest.raises(morphableModel.ModelFileError, match='no UV map'):
+        morphableModel.load_bfm2017(str(folder))
