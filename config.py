@@ -7,6 +7,7 @@ NextFace file is accepted with its meaning; a few keys of our own are added (``m
 ``ConfigError`` naming the key and what is accepted.
 """
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 
@@ -15,12 +16,17 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says how to fix it."""
 
 
-def _positive(value) -> bool:
-    return value > 0
+def _between(low, high) -> dict:
+    """Field metadata: a number in [low, high] (finite)."""
+    return dict(range=(low, high))
 
 
-def _non_negative(value) -> bool:
-    return value >= 0
+def _number(value) -> str:
+    return str(int(value)) if float(value).is_integer() else f'{value:g}'
+
+
+MAX_ITERATIONS = 1_000_000
+MAX_WEIGHT = 1e9
 
 
 @dataclass
@@ -31,51 +37,52 @@ class Config:
     lamdmarksDetectorType: str = field(default='mediapipe', metadata=dict(choices=('mediapipe', 'fan')))
     # morphable model: 'bfm2017' (Basel 2017 + AlbedoMM) or 'ict' (ICT-FaceKit)
     model: str = field(default='bfm2017', metadata=dict(choices=('bfm2017', 'ict')))
-    path: str = './baselMorphableModel'
+    path: str = field(default='./baselMorphableModel',
+                      metadata=dict(check=lambda v: v.strip() != '', accepts='the folder of the model files'))
     # optional NextFace-format landmark association file (iBUG index, vertex index per line)
     landmarksAssociation: str = ''
     textureResolution: int = field(default=512, metadata=dict(choices=(256, 512, 1024, 2048)))
     trimPca: bool = False
     # spherical harmonics
-    bands: int = field(default=9, metadata=dict(check=_positive, accepts='an integer >= 1'))
-    envMapRes: int = field(default=64, metadata=dict(check=lambda v: v >= 8, accepts='an integer >= 8'))
+    bands: int = field(default=9, metadata=_between(1, 16))
+    envMapRes: int = field(default=64, metadata=_between(8, 1024))
     smoothSh: bool = False
     saveExr: bool = False
     # the base colour of head{i}.glb and map_Kd of mesh{i}.mtl: the fitted 'diffuse' map, or the 'photo' projected into UV space
     exportTexture: str = field(default='diffuse', metadata=dict(choices=('diffuse', 'photo')))
     # image
-    maxResolution: int = field(default=256, metadata=dict(check=lambda v: v >= 64, accepts='an integer >= 64'))
+    maxResolution: int = field(default=256, metadata=_between(64, 4096))
     # camera: focal length in pixels of the fitted image
-    camFocalLength: float = field(default=3000.0, metadata=dict(check=_positive, accepts='a number > 0'))
+    camFocalLength: float = field(default=3000.0, metadata=_between(1.0, 1e6))
     optimizeFocalLength: bool = True
     # optimization
-    iterStep1: int = field(default=2000, metadata=dict(check=_non_negative, accepts='an integer >= 0'))
-    iterStep2: int = field(default=400, metadata=dict(check=_non_negative, accepts='an integer >= 0'))
-    iterStep3: int = field(default=100, metadata=dict(check=_non_negative, accepts='an integer >= 0'))
-    weightLandmarksLossStep2: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightLandmarksLossStep3: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightShapeReg: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightExpressionReg: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightAlbedoReg: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightDiffuseSymmetryReg: float = field(default=300.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightDiffuseConsistencyReg: float = field(default=100.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightDiffuseSmoothnessReg: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightSpecularSymmetryReg: float = field(default=200.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightSpecularConsistencyReg: float = field(default=2.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightSpecularSmoothnessReg: float = field(default=0.001, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightRoughnessSymmetryReg: float = field(default=200.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightRoughnessConsistencyReg: float = field(default=0.0, metadata=dict(check=_non_negative, accepts='a number >= 0'))
-    weightRoughnessSmoothnessReg: float = field(default=0.002, metadata=dict(check=_non_negative, accepts='a number >= 0'))
+    iterStep1: int = field(default=2000, metadata=_between(0, MAX_ITERATIONS))
+    iterStep2: int = field(default=400, metadata=_between(0, MAX_ITERATIONS))
+    iterStep3: int = field(default=100, metadata=_between(0, MAX_ITERATIONS))
+    weightLandmarksLossStep2: float = field(default=0.001, metadata=_between(0.0, MAX_WEIGHT))
+    weightLandmarksLossStep3: float = field(default=0.001, metadata=_between(0.0, MAX_WEIGHT))
+    weightShapeReg: float = field(default=0.001, metadata=_between(0.0, MAX_WEIGHT))
+    weightExpressionReg: float = field(default=0.001, metadata=_between(0.0, MAX_WEIGHT))
+    weightAlbedoReg: float = field(default=0.001, metadata=_between(0.0, MAX_WEIGHT))
+    weightDiffuseSymmetryReg: float = field(default=300.0, metadata=_between(0.0, MAX_WEIGHT))
+    weightDiffuseConsistencyReg: float = field(default=100.0, metadata=_between(0.0, MAX_WEIGHT))
+    weightDiffuseSmoothnessReg: float = field(default=0.001, metadata=_between(0.0, MAX_WEIGHT))
+    weightSpecularSymmetryReg: float = field(default=200.0, metadata=_between(0.0, MAX_WEIGHT))
+    weightSpecularConsistencyReg: float = field(default=2.0, metadata=_between(0.0, MAX_WEIGHT))
+    weightSpecularSmoothnessReg: float = field(default=0.001, metadata=_between(0.0, MAX_WEIGHT))
+    weightRoughnessSymmetryReg: float = field(default=200.0, metadata=_between(0.0, MAX_WEIGHT))
+    weightRoughnessConsistencyReg: float = field(default=0.0, metadata=_between(0.0, MAX_WEIGHT))
+    weightRoughnessSmoothnessReg: float = field(default=0.002, metadata=_between(0.0, MAX_WEIGHT))
     # debug
-    debugFrequency: int = field(default=0, metadata=dict(check=_non_negative, accepts='an integer >= 0'))
+    debugFrequency: int = field(default=0, metadata=_between(0, MAX_ITERATIONS))
     saveIntermediateStage: bool = False
     verbose: bool = False
     # ray tracing
-    rtSamples: int = field(default=500, metadata=dict(check=_positive, accepts='an integer >= 1'))
-    rtTrainingSamples: int = field(default=8, metadata=dict(check=_positive, accepts='an integer >= 1'))
+    rtSamples: int = field(default=500, metadata=_between(1, 65536))
+    rtTrainingSamples: int = field(default=8, metadata=_between(1, 4096))
     # 'prb' (fast, no silhouette gradients) or 'direct_projective' (silhouette gradients, slower)
     integrator: str = field(default='prb', metadata=dict(choices=('prb', 'direct_projective')))
-    seed: int = field(default=0, metadata=dict(check=_non_negative, accepts='an integer >= 0'))
+    seed: int = field(default=0, metadata=_between(0, 2 ** 31 - 1))
 
     def replace(self, **overrides) -> 'Config':
         """A copy with ``overrides`` applied and validated."""
@@ -129,8 +136,10 @@ def _validated(key: str, value):
     meta = spec.metadata
     if isinstance(value, str):
         value = _parse_literal(value)
-    accepts = meta.get('accepts') or (f"one of {', '.join(repr(c) for c in meta['choices'])}"
-                                       if 'choices' in meta else f'a {expected.__name__}')
+    accepts = meta.get('accepts') or (
+        f"one of {', '.join(repr(c) for c in meta['choices'])}" if 'choices' in meta else
+        f"{'an integer' if expected is int else 'a number'} from {_number(meta['range'][0])} to {_number(meta['range'][1])}"
+        if 'range' in meta else 'True or False' if expected is bool else f'a {expected.__name__}')
     try:
         if expected is bool:
             if not isinstance(value, bool):
@@ -150,6 +159,8 @@ def _validated(key: str, value):
     if 'choices' in meta and value not in meta['choices']:
         raise ConfigError(f"config key '{key}' = {value!r} is not valid: expected {accepts}")
     if 'check' in meta and not meta['check'](value):
+        raise ConfigError(f"config key '{key}' = {value!r} is not valid: expected {accepts}")
+    if 'range' in meta and not (math.isfinite(value) and meta['range'][0] <= value <= meta['range'][1]):
         raise ConfigError(f"config key '{key}' = {value!r} is not valid: expected {accepts}")
     return value
 
@@ -188,5 +199,15 @@ def load_config(path: str | None = None) -> Config:
         return Config()
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' not found; pass an existing file to --config")
-    with open(path, encoding='utf-8') as file:
-        return parse_config_text(file.read(), source=path)
+    try:
+        with open(path, encoding='utf-8') as file:
+            text = file.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not a text file of 'key = value' lines: pass an .ini config "
+                          f"(like optimConfig.ini) to --config") from None
+    except OSError as error:
+        raise ConfigError(f"config file '{path}' cannot be read ({error.strerror})") from None
+    if '\x00' in text:
+        raise ConfigError(f"config file '{path}' is not a text file of 'key = value' lines: pass an .ini config "
+                          f"(like optimConfig.ini) to --config")
+    return parse_config_text(text, source=path)

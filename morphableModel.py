@@ -269,7 +269,7 @@ def uv_area_distortion(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
 # ---------------------------------------------------------------------------------- the cache
 
 # Raised whenever what a cache holds changes, so that caches of earlier versions are rebuilt.
-CACHE_FORMAT = 2  # 2: ICT-FaceKit's whole head
+CACHE_FORMAT = 3  # 2: ICT-FaceKit's whole head; 3: keyed on every source file
 
 
 def _cache_path(sources: list, kind: str) -> str:
@@ -307,9 +307,36 @@ def _load_cache(path: str):
             tensors = {key: torch.from_numpy(data[key]) for key in data.files if key != 'name'}
         head_keys = [key for key in tensors if key.startswith('head.')]
         head = HeadMesh(**{key[len('head.'):]: tensors.pop(key) for key in head_keys}) if head_keys else None
-        return MorphableModel(name=name, head=head, **tensors)
-    except (OSError, ValueError, KeyError, TypeError):
+        model = MorphableModel(name=name, head=head, **tensors)
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None  # an unreadable cache is rebuilt
+    return model if consistent(model) else None  # so is one that reads but makes no model
+
+
+def consistent(model: MorphableModel) -> bool:
+    """Whether the arrays of ``model`` make one model: matching sizes, indices in range, finite."""
+    n = len(model.mean_shape)
+    sized = lambda t, *shape: tuple(t.shape) == tuple(s if s is not None else t.shape[i] for i, s in enumerate(shape))
+    checks = [model.mean_shape.ndim == 2 and model.mean_shape.shape[1] == 3,
+              sized(model.shape_basis, None, n, 3), sized(model.expression_basis, None, n, 3),
+              sized(model.diffuse_mean, n, 3), sized(model.specular_mean, n, 3),
+              sized(model.diffuse_basis, None, n, 3), sized(model.specular_basis, model.n_albedo, n, 3),
+              sized(model.faces, None, 3), sized(model.uv_faces, len(model.faces), 3), sized(model.uvs, None, 2),
+              sized(model.landmark_vertices, 68)]
+    if not all(checks) or len(model.faces) == 0:
+        return False
+    in_range = [0 <= int(model.faces.min()) and int(model.faces.max()) < n,
+                len(model.uvs) == 0 or (0 <= int(model.uv_faces.min()) and int(model.uv_faces.max()) < len(model.uvs)),
+                int(model.landmark_vertices.max()) < n]
+    finite = all(bool(torch.isfinite(getattr(model, name)).all()) for name in
+                 ('mean_shape', 'shape_basis', 'expression_basis', 'diffuse_mean', 'diffuse_basis', 'uvs'))
+    head = model.head
+    head_ok = head is None or (
+        sized(head.shape_basis, model.n_shape, len(head.mean_shape), 3)
+        and sized(head.expression_basis, model.n_expression, len(head.mean_shape), 3)
+        and len(head.mean_shape) >= n and bool(torch.equal(head.mean_shape[:n], model.mean_shape))
+        and sized(head.parts, len(head.faces)) and int(head.faces.max()) < len(head.mean_shape))
+    return all(in_range) and finite and head_ok
 
 
 def _cached(sources: list, kind: str, build) -> MorphableModel:
@@ -464,8 +491,23 @@ def load_bfm2017(folder: str, association_file: str = '') -> MorphableModel:
     shape_path, albedo_path = os.path.join(folder, BFM_FILE), os.path.join(folder, ALBEDO_FILE)
     _require_file(shape_path, 'Basel Face Model 2017 file ' + BFM_FILE, BFM_URL + ' (after a license form)')
     _require_file(albedo_path, 'AlbedoMM file ' + ALBEDO_FILE, ALBEDO_URL)
-    sources = [shape_path, albedo_path] + ([association_file] if association_file else [])
-    return _cached(sources, 'bfm2017', lambda: _build_bfm(folder, association_file))
+    sources = [shape_path, albedo_path] + _association_sources(association_file)
+
+    def build() -> MorphableModel:
+        try:
+            return _build_bfm(folder, association_file)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise ModelFileError(f"the Basel model files in '{folder}' are damaged or inconsistent "
+                                 f"({type(error).__name__}: {str(error)[:160]}): download them again") from None
+    return _cached(sources, 'bfm2017', build)
+
+
+def _association_sources(association_file: str) -> list:
+    """[the landmark association file] if one is configured (it must exist), else []."""
+    if association_file and not os.path.isfile(association_file):
+        raise ModelFileError(f"landmark association file '{association_file}' not found (config key "
+                             f"landmarksAssociation): give the path of an existing file, or leave the key empty")
+    return [association_file] if association_file else []
 
 
 # ---------------------------------------------------------------------------------- ICT-FaceKit
@@ -567,9 +609,19 @@ def find_ict_folder(path: str) -> str:
 def load_ict(path: str, association_file: str = '') -> MorphableModel:
     """ICT-FaceKit from its original layout (``path``/FaceXModel/*.obj, vertex_indices.json)."""
     model_folder = find_ict_folder(path)
-    sources = [os.path.join(model_folder, 'generic_neutral_mesh.obj'),
-               os.path.join(model_folder, 'vertex_indices.json')] + ([association_file] if association_file else [])
-    return _cached(sources, 'ict', lambda: _build_ict(model_folder, association_file))
+    # every file the model is built from: a changed identity or expression shape is read again
+    sources = sorted(glob.glob(os.path.join(model_folder, '*.obj'))) + [os.path.join(model_folder, 'vertex_indices.json')]
+    for source in sources:
+        _require_file(source, 'ICT-FaceKit file ' + os.path.basename(source), ICT_URL)
+    sources += _association_sources(association_file)
+
+    def build() -> MorphableModel:
+        try:
+            return _build_ict(model_folder, association_file)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise ModelFileError(f"ICT-FaceKit in '{model_folder}' is incomplete or damaged ({type(error).__name__}: "
+                                 f"{str(error)[:160]}): download it again from {ICT_URL}") from None
+    return _cached(sources, 'ict', build)
 
 
 # NextFace's trimPca keeps this many shape and albedo components.

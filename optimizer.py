@@ -9,17 +9,15 @@ the results. A checkpoint after each stage lets ``--resume`` continue and ``--re
 """
 import argparse
 import dataclasses
-import glob
 import json
-import math
 import os
-import re
 import sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import config as config_module
 import fitting
 import landmarks as landmarks_module
@@ -34,10 +32,6 @@ from photos import FitImage
 from pipeline import Pipeline, SceneParameters, rotation_matrix
 
 
-class RunError(RuntimeError):
-    """A problem of the whole run (its output folder, nothing to replay); the message says what to do."""
-
-
 # --------------------------------------------------------------------------- the command
 
 def run(args: argparse.Namespace) -> int:
@@ -45,52 +39,83 @@ def run(args: argparse.Namespace) -> int:
     config = load_run_config(args)
     torch.manual_seed(config.seed)
     if args.replay:
-        return replay(args.output, config)
+        with checkpoints.locked(args.output):
+            return replay(args.output, config)
+    checkpoints.refuse_results_as_inputs(args.input, args.output)
     paths, skipped = photos.list_inputs(args.input)
-    for path in skipped:
-        print(f'note: skipping {path}: not an image ({", ".join(photos.IMAGE_EXTENSIONS)})')
-    check_output_folder(args.output, args.overwrite, args.resume)
+    for path, reason in skipped:
+        print(f'note: skipping {path}: {reason}')
+    with checkpoints.locked(args.output):
+        checkpoints.prepare_output(args.output, args.overwrite, args.resume)
+        return fit_inputs(args, config, paths)
+
+
+def fit_inputs(args: argparse.Namespace, config: Config, paths: list) -> int:
+    """Fit every photo of ``paths`` (alone, or all with one identity) into the locked output
+    folder, continuing its checkpoints with ``--resume``; -> exit status."""
+    fingerprint = checkpoints.config_fingerprint(config)
+    manifest = checkpoints.Manifest.load(args.output) if args.resume else checkpoints.Manifest(args.output, {}, {})
+    manifest.check_config(fingerprint)
+    manifest.save(fingerprint)
     model = morphableModel.load_model(config)
     detector = None if args.landmarks else landmarks_module.make_detector(config.lamdmarksDetectorType, config.device)
     failures = {}
 
-    def prepare(index: int, path: str) -> FitImage:
-        try:
-            return photos.prepare_image(index, path, config, detector, args.landmarks)
-        except photos.InputError as error:
-            failures[path] = str(error)
-            print(f'error: {error}')
-            return None
+    def fail(paths: list, reason: str) -> None:
+        message = f"{', '.join(paths)}: {reason}" if not reason.startswith(paths[0]) else reason
+        for path in paths:
+            failures[path] = message
+        print(f'error: {message}')
 
-    def fit(images: list[FitImage], shared_identity: bool, checkpoint_key: str) -> None:
+    def prepare(index: int, path: str) -> tuple:
+        """-> (FitImage, content digest), or None after saying why the photo cannot be fitted."""
+        try:
+            digest = checkpoints.file_digest(path)
+            return photos.prepare_image(index, path, config, detector, args.landmarks), digest
+        except photos.InputError as error:
+            fail([path], str(error))
+        except OSError as error:
+            fail([path], f'cannot be read ({error.strerror})')
+        return None
+
+    def fit(images: list, digests: list, shared_identity: bool, checkpoint_key: str) -> None:
         try:
             fit_group(model, images, config, shared_identity, args.output, checkpoint_key, args.resume)
-        except (fitting.FitError, results.WriteError, OSError) as error:
-            reason = str(error) if not isinstance(error, OSError) else (
-                f'writing the results failed ({error.strerror}: {error.filename}); free some space '
-                f'or choose another --output, then continue with --resume')
-            message = f"{', '.join(image.path for image in images)}: {reason}"
-            for image in images:
-                failures[image.path] = message
-            print(f'error: {message}')
+        except (fitting.FitError, results.WriteError, checkpoints.CheckpointError) as error:
+            return fail([image.path for image in images], str(error))
+        except OSError as error:
+            return fail([image.path for image in images],
+                        f'writing the results failed ({error.strerror}: {error.filename}); free some space '
+                        f'or choose another --output, then continue with --resume')
+        for image, digest in zip(images, digests):
+            manifest.record(image.index, image.path, digest, checkpoint_key)
+        manifest.save(fingerprint)
 
     if args.sharedIdentity:
-        images = [image for image in (prepare(i, p) for i, p in enumerate(paths)) if image is not None]
-        if images:
-            fit(images, True, 'batch')
+        prepared = [found for found in (prepare(i, p) for i, p in enumerate(paths)) if found is not None]
+        if prepared:
+            images, digests = map(list, zip(*prepared))
+            key = checkpoints.batch_key(digests)
+            earlier = {entry['checkpoint'] for entry in manifest.images.values()}
+            if args.resume and earlier and key not in earlier:
+                print(f"note: --resume: these photos are not the set of the shared-identity run in '{args.output}' "
+                      f"(photos were added, removed or changed): fitting this set from the start")
+            fit(images, digests, True, key)
     else:
         final = last_stage(config)
         for index, path in enumerate(tqdm(paths, desc='images', unit='image', disable=len(paths) == 1)):
-            checkpoint_key = f'image{index}'
-            if args.resume and os.path.isfile(checkpoint_path(args.output, checkpoint_key, final)) \
-                    and os.path.isfile(os.path.join(args.output, f'params{index}.json')):
+            prepared = prepare(index, path)
+            if prepared is None:
+                continue
+            image, digest = prepared
+            key = checkpoints.image_key(digest)
+            if args.resume and manifest.written_from(index, digest, key) \
+                    and os.path.isfile(checkpoints.checkpoint_path(args.output, key, final)):
                 print(f'[{index}] {path}: already fitted, skipped (--resume)')
                 continue
-            image = prepare(index, path)
-            if image is not None:
-                fit([image], False, checkpoint_key)
+            fit([image], [digest], False, key)
     print(f'done: {len(paths) - len(failures)} of {len(paths)} images fitted; results in {os.path.abspath(args.output)}')
-    for reason in failures.values():
+    for reason in dict.fromkeys(failures.values()):
         print(f'  failed: {reason}')
     return 0 if not failures else 1
 
@@ -101,7 +126,8 @@ def fit_group(model: MorphableModel, images: list[FitImage], config: Config, sha
     wherever its checkpoints stand, a checkpoint after each stage, then the results."""
     targets = fitting.Targets.of(model, images)
     pipeline = Pipeline(model, config, targets.sizes)
-    params = latest_checkpoint(output, checkpoint_key, last_stage(config)) if resume else None
+    params = checkpoints.load_checkpoint(output, checkpoint_key, last_stage(config), model, len(images),
+                                         config.bands) if resume else None
     if params is not None:
         print(f'{checkpoint_key}: resuming after stage {params.stage}')
     else:
@@ -120,7 +146,7 @@ def finish_stage(output: str, checkpoint_key: str, pipeline: Pipeline, params: S
                  images: list[FitImage], targets: fitting.Targets) -> None:
     """Checkpoint a finished stage, say how good it is, and with ``saveIntermediateStage`` write
     its results (suffix ``_stage1``, ``_stage2``)."""
-    params.save(checkpoint_path(output, checkpoint_key, params.stage))
+    checkpoints.save_checkpoint(output, checkpoint_key, params)
     if params.stage == 1:
         with torch.no_grad():
             errors = fitting.landmark_error(pipeline.landmarks(params, pipeline.vertices(params)), targets)
@@ -182,7 +208,7 @@ def bake_photo_map(pipeline: Pipeline, params: SceneParameters, row: int, image:
     photo as loaded (its full resolution up to 2048 px, not the fitted crop); texels it does not
     show take ``fallback`` [res, res, 3] (see ``textures.photo_map``)."""
     try:
-        photo, reduction = photos.load_image(image.path)
+        photo, reduction, _ = photos.load_image(image.path)
         photo_scale, photo_offset = image.scale * reduction, np.asarray(image.crop, np.float64) / reduction
     except photos.InputError:  # the input went away since it was read: the fitted crop serves
         photo, photo_scale, photo_offset = image.pixels, 1.0, np.zeros(2)
@@ -212,51 +238,7 @@ def last_stage(config: Config) -> int:
     return 3 if config.iterStep3 > 0 else 2 if config.iterStep2 > 0 else 1
 
 
-def checkpoint_path(folder: str, checkpoint_key: str, stage: int) -> str:
-    return os.path.join(folder, 'checkpoints', f'{checkpoint_key}_stage{stage}.pt')
-
-
-def latest_checkpoint(folder: str, checkpoint_key: str, until: int) -> SceneParameters:
-    """The parameters of the latest finished stage <= ``until`` of ``checkpoint_key``, or None."""
-    for stage in range(until, 0, -1):
-        path = checkpoint_path(folder, checkpoint_key, stage)
-        if os.path.isfile(path):
-            return SceneParameters.load(path)
-    return None
-
-
-def check_output_folder(output: str, overwrite: bool, resume: bool) -> None:
-    """Never write over earlier results unless told to."""
-    if os.path.isdir(output) and os.listdir(output) and not (overwrite or resume):
-        raise RunError(f"output folder '{output}' already holds results: pass --overwrite to replace them, "
-                       f"--resume to continue that run, or choose another --output")
-    try:
-        os.makedirs(os.path.join(output, 'checkpoints'), exist_ok=True)
-        probe = os.path.join(output, '.write-test')
-        with open(probe, 'w'):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise RunError(f"cannot write to output folder '{output}' ({error.strerror}): choose another --output") from None
-
-
 # ------------------------------------------------------------------------------------ replay
-
-def fitted_runs(output: str) -> list:
-    """The fits in ``output``: (checkpoint key, parameters of its latest stage, output image
-    indices in row order). A shared-identity batch holds the images with a ``params{i}.json``."""
-    indices = sorted(int(m.group(1)) for m in (re.fullmatch(r'params(\d+)\.json', os.path.basename(p))
-                                                for p in glob.glob(os.path.join(output, 'params*.json'))) if m)
-    runs = []
-    keys = sorted({re.sub(r'_stage\d\.pt$', '', os.path.basename(p))
-                   for p in glob.glob(os.path.join(output, 'checkpoints', '*_stage?.pt'))})
-    for key in keys:
-        params = latest_checkpoint(output, key, 3)
-        rows = indices if key == 'batch' else [int(key[len('image'):])]
-        if params is not None and len(rows) == params.n_images:
-            runs.append((key, params, rows))
-    return runs
-
 
 def fitted_image(output: str, index: int) -> FitImage:
     """The fitted image of ``params{index}.json``, as far as a render needs it (its size)."""
@@ -267,16 +249,23 @@ def fitted_image(output: str, index: int) -> FitImage:
 
 
 def replay(output: str, config: Config) -> int:
-    """``--replay``: a turntable ``turntable_{i}.gif`` of every face fitted in ``output``."""
-    runs = fitted_runs(output)
+    """``--replay``: a turntable ``turntable_{i}.gif`` of every face fitted in ``output``, from
+    the checkpoints its manifest names (the config must be the fit's)."""
+    manifest = checkpoints.Manifest.load(output)
+    runs = {}  # checkpoint key -> the output indices written from it, in row order
+    for index, entry in sorted(manifest.images.items()):
+        runs.setdefault(entry['checkpoint'], []).append(index)
     if not runs:
-        raise RunError(f"'{output}' holds no fit to replay (no checkpoints/*_stage*.pt with params*.json): "
-                       f"run a fit with --output {output} first")
+        raise checkpoints.RunError(f"'{output}' holds no fit to replay (no {checkpoints.MANIFEST_FILE} naming fitted "
+                                   f"photos): run a fit with --output {output} first")
+    manifest.check_config(checkpoints.config_fingerprint(config))
     model = morphableModel.load_model(config)
-    for checkpoint_key, params, indices in runs:
+    for checkpoint_key, indices in runs.items():
+        params = checkpoints.load_checkpoint(output, checkpoint_key, 3, model, len(indices), config.bands)
+        if params is None:
+            raise checkpoints.RunError(f"the checkpoints of {checkpoint_key} are missing from '{output}': fit again")
         images = [fitted_image(output, index) for index in indices]
-        bands = int(round(math.sqrt(params.sh.shape[1])))
-        pipeline = Pipeline(model, config.replace(bands=bands), [image.size for image in images],
+        pipeline = Pipeline(model, config, [image.size for image in images],
                             crop_to_face=False)  # the turning head leaves the fitted face's box
         if params.sh.abs().sum() == 0:  # a stage-1 fit has no light yet
             params.sh = pipeline.initial_light(params, [torch.from_numpy(image.linear_pixels()) for image in images])
@@ -338,8 +327,8 @@ def main(argv: list = None) -> int:
     args = parse_arguments(argv)
     try:
         return run(args)
-    except (RunError, photos.InputError, config_module.ConfigError, morphableModel.ModelFileError,
-            landmarks_module.LandmarkError, renderer.RendererError) as error:
+    except (checkpoints.RunError, checkpoints.CheckpointError, photos.InputError, config_module.ConfigError,
+            morphableModel.ModelFileError, landmarks_module.LandmarkError, renderer.RendererError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

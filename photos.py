@@ -46,23 +46,38 @@ class FitImage:
 
 
 def list_inputs(path: str) -> tuple:
-    """``path`` (an image or a folder) -> (image paths, skipped non-image files)."""
+    """``path`` (an image or a folder) -> (image paths, [(skipped entry, why)]): files that are no
+    image by their name, and entries named like images that are no readable file (a folder, a
+    broken link). Hidden files and plain folders are passed over."""
     if os.path.isfile(path):
         return [path], []
     if not os.path.isdir(path):
         raise InputError(f"input '{path}' does not exist: give an image file or a folder of images")
-    names = sorted(os.listdir(path))
-    files = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n)) and not n.startswith('.')]
-    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    images, skipped = [], []
+    for name in sorted(os.listdir(path)):
+        entry = os.path.join(path, name)
+        is_image_name = name.lower().endswith(IMAGE_EXTENSIONS)
+        if name.startswith('.'):
+            continue
+        if os.path.isfile(entry):
+            if is_image_name:
+                images.append(entry)
+            else:
+                skipped.append((entry, f'not an image ({", ".join(IMAGE_EXTENSIONS)})'))
+        elif os.path.islink(entry) and not os.path.exists(entry):
+            skipped.append((entry, 'a broken link'))
+        elif is_image_name:
+            skipped.append((entry, 'a folder, not an image file' if os.path.isdir(entry) else 'not a regular file'))
     if not images:
         raise InputError(f"input folder '{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                          f"point --input at a folder of photos")
-    return images, [f for f in files if f not in images]
+    return images, skipped
 
 
 def load_image(path: str, max_side: int = MAX_INPUT_SIDE) -> tuple:
     """An image file -> (sRGB float array [h, w, 3] in [0, 1], upright (EXIF orientation
-    applied), reduction): input pixel = loaded pixel · reduction.
+    applied), reduction, the file's own (width, height) upright): input pixel = loaded pixel ·
+    reduction.
 
     Grayscale is repeated to RGB, alpha is composited over black, 16-bit is scaled to [0, 1].
     Images with a side over ``max_side`` are reduced by an integer factor while still 8/16-bit,
@@ -76,17 +91,19 @@ def load_image(path: str, max_side: int = MAX_INPUT_SIDE) -> tuple:
         raise InputError(f"{path}: not an image file (or an unsupported format): give a JPEG or PNG") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise InputError(f'{path}: cannot be read, the file may be truncated or corrupt ({error})') from None
-    reduction = -(-max(image.size) // max_side)  # ceil
+    size = image.size
+    reduction = -(-max(size) // max_side)  # ceil
     if reduction > 1:
         image = image.reduce(reduction)
     if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
         pixels = np.asarray(image, np.float64)
-        pixels = pixels / (65535.0 if pixels.max() > 255 else 255.0)
-        return np.repeat(pixels[..., None], 3, axis=2).astype(np.float32), reduction
-    if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
+        pixels = np.repeat((pixels / (65535.0 if pixels.max() > 255 else 255.0))[..., None], 3, axis=2)
+    elif image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
         rgba = np.asarray(image.convert('RGBA'), np.float32) / 255.0
-        return rgba[..., :3] * rgba[..., 3:], reduction
-    return np.asarray(image.convert('RGB'), np.float32) / 255.0, reduction
+        pixels = rgba[..., :3] * rgba[..., 3:]
+    else:
+        pixels = np.asarray(image.convert('RGB'), np.float32) / 255.0
+    return pixels.astype(np.float32), reduction, size
 
 
 def resize_image(image: np.ndarray, max_resolution: int) -> tuple:
@@ -110,12 +127,31 @@ def face_crop(points: np.ndarray, width: int, height: int) -> tuple:
     return x0, y0, x1, y1
 
 
+# Landmarks that span fewer pixels than this outline no face that can be fitted.
+MIN_LANDMARK_SPAN = 8
+MIN_LANDMARKS_INSIDE = 20
+
+
+def check_landmarks(path: str, points: np.ndarray, width: int, height: int) -> None:
+    """Refuse landmarks [68, 2] (pixels of the image as loaded) that cannot place a face: too
+    few inside the image, or all (nearly) at one point."""
+    inside = np.isfinite(points).all(1) & ((points >= 0) & (points < [width, height])).all(1)
+    if inside.sum() < MIN_LANDMARKS_INSIDE:
+        raise InputError(f'{path}: only {inside.sum()} of 68 landmarks lie inside the image; the face is too cut '
+                         f'by the border to fit (or the landmarks belong to another image)')
+    span = float((points[inside].max(0) - points[inside].min(0)).max())
+    if span < MIN_LANDMARK_SPAN:
+        raise InputError(f'{path}: the landmarks span only {span:.1f} px: they outline no face; give the 68 '
+                         f'points of the face in this photo')
+
+
 def prepare_image(index: int, path: str, config: Config, detector, landmarks_path: str) -> FitImage:
     """Read, find the face in and crop one photo (landmarks from ``detector`` or the file(s) at
     ``landmarks_path``); raise InputError with a clear message."""
-    pixels, reduction = load_image(path)  # input pixel = loaded pixel · reduction
+    pixels, reduction, (width, height) = load_image(path)  # input pixel = loaded pixel · reduction
     if min(pixels.shape[:2]) < MIN_IMAGE_SIZE:
-        raise InputError(f'{path}: the image is {pixels.shape[1]}x{pixels.shape[0]} px, too small to fit a face '
+        reduced = f', {reduction}x smaller as loaded: {pixels.shape[1]}x{pixels.shape[0]}' if reduction > 1 else ''
+        raise InputError(f'{path}: the image is {width}x{height} px{reduced}, too small to fit a face '
                          f'(at least {MIN_IMAGE_SIZE} px per side): use a larger photo')
     if landmarks_path:
         try:
@@ -130,17 +166,18 @@ def prepare_image(index: int, path: str, config: Config, detector, landmarks_pat
             raise InputError(f'{path}: no face found; use a photo with a visible face, or give its 68 '
                              f'landmarks with --landmarks')
         note = f'{faces} faces found, fitting the largest' if faces > 1 else 'one face found'
+    check_landmarks(path, points, pixels.shape[1], pixels.shape[0])
     x0, y0, x1, y1 = face_crop(points, pixels.shape[1], pixels.shape[0])
     fitted, scale = resize_image(pixels[y0:y1, x0:x1], config.maxResolution)
     landmarks = (points - [x0, y0]) * scale
     inside = ((landmarks >= 0) & (landmarks < [fitted.shape[1], fitted.shape[0]])).all(axis=1)
-    if inside.sum() < 20:
+    if inside.sum() < MIN_LANDMARKS_INSIDE:
         raise InputError(f'{path}: only {inside.sum()} of 68 landmarks lie inside the image; the face is '
                          f'too cut by the border to fit')
     if not inside.all():
         note += f'; {68 - inside.sum()} landmarks outside the image are ignored'
         landmarks = np.where(inside[:, None], landmarks, np.nan)
     if reduction > 1:
-        note += f'; reduced {reduction}x on loading (longer side over {MAX_INPUT_SIDE} px)'
+        note += f'; the photo is {width}x{height} px, reduced {reduction}x on loading (longer side over {MAX_INPUT_SIDE} px)'
     print(f'[{index}] {path}: {fitted.shape[1]}x{fitted.shape[0]} px (scale {scale / reduction:.3f}), {note}')
     return FitImage(index, path, fitted, scale / reduction, landmarks, (x0 * reduction, y0 * reduction))

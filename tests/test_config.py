@@ -38,11 +38,11 @@ def test_light_config_has_stronger_reflectance_regularizers():
 
 
 @pytest.mark.parametrize('text, words', [
-    ('bands = 0', ["'bands'", 'integer >= 1']),
-    ('iterStep1 = -5', ["'iterStep1'", '>= 0']),
+    ('bands = 0', ["'bands'", 'an integer from 1 to 16']),
+    ('iterStep1 = -5', ["'iterStep1'", 'from 0 to']),
     ("device = 'tpu'", ["'device'", "'cpu', 'cuda'"]),
     ('colour = 3', ["unknown config key 'colour'"]),
-    ('smoothSh = 3', ["'smoothSh'", 'bool']),
+    ('smoothSh = 3', ["'smoothSh'", 'True or False']),
     ('textureResolution = 300', ["'textureResolution'", '512']),
     ('just words', ["expected 'key = value'"]),
 ])

@@ -180,22 +180,24 @@ def test_a_model_without_uvs_gives_an_untextured_glb(small_bfm, tmp_path):
     assert len(trimesh.load(str(tmp_path / 'head.glb'), process=False).geometry['head'].vertices) == 801
 
 
-@pytest.mark.parametrize('failure', ['directory', 'writer'])
+@pytest.mark.parametrize('failure', ['unwritable', 'writer'])
 def test_a_failing_glb_fails_the_image_and_the_other_outputs_are_written(ict_folder, tmp_path, capsys, monkeypatch,
                                                                         failure):
     import skimage.data
     photo = tmp_path / 'astronaut.png'
     Image.fromarray(skimage.data.astronaut()).save(photo)
     output = tmp_path / 'out'
-    if failure == 'directory':  # something the user left there that cannot be replaced
-        (output / 'head0.glb').mkdir(parents=True)
-        (output / 'head0.glb' / 'keep').write_text('')
-        extra = ['--overwrite']
+
+    def unwritable(self, path):
+        raise PermissionError(13, 'Permission denied', path)
+
+    def broken(*args, **kwargs):
+        raise ValueError('no glTF today')
+    if failure == 'unwritable':
+        monkeypatch.setattr(pygltflib.GLTF2, 'save_binary', unwritable)
     else:
-        def broken(*args, **kwargs):
-            raise ValueError('no glTF today')
         monkeypatch.setattr(results, 'write_glb', broken)
-        extra = []
+    extra = []
     status = optimizer.main(['--input', str(photo), '--output', str(output), '--set', 'model=ict',
                              '--set', f'path={ict_folder}', '--iterations', '20', '1', '0', '--set', 'rtSamples=4',
                              '--set', 'textureResolution=256', '--maxResolution', '96'] + extra)

@@ -17,18 +17,18 @@ def test_rgba_is_composited_over_black(tmp_path):
     rgba = np.zeros((70, 80, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 128
     Image.fromarray(rgba, 'RGBA').save(tmp_path / 'a.png')
-    pixels, reduction = photos.load_image(str(tmp_path / 'a.png'))
+    pixels, reduction, _ = photos.load_image(str(tmp_path / 'a.png'))
     assert pixels.shape == (70, 80, 3) and reduction == 1
     assert np.allclose(pixels[0, 0], [200 / 255 * 128 / 255, 0, 0], atol=1e-3)
 
 
 def test_grayscale_and_16_bit(tmp_path):
     Image.fromarray(np.full((70, 80), 100, np.uint8), 'L').save(tmp_path / 'g.png')
-    pixels, _ = photos.load_image(str(tmp_path / 'g.png'))
+    pixels, _, _ = photos.load_image(str(tmp_path / 'g.png'))
     assert pixels.shape == (70, 80, 3) and np.allclose(pixels, 100 / 255)
     Image.fromarray(np.full((70, 80), 40000, np.uint16)).save(tmp_path / 'd.png')
     assert Image.open(tmp_path / 'd.png').mode.startswith('I')
-    pixels, _ = photos.load_image(str(tmp_path / 'd.png'))
+    pixels, _, _ = photos.load_image(str(tmp_path / 'd.png'))
     assert pixels.shape == (70, 80, 3) and np.allclose(pixels, 40000 / 65535, atol=1e-4)
 
 
@@ -41,14 +41,14 @@ def test_exif_rotated_jpeg_is_loaded_upright(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(stored).save(tmp_path / 'r.jpg', exif=exif.tobytes(), quality=95)
-    pixels, _ = photos.load_image(str(tmp_path / 'r.jpg'))
+    pixels, _, _ = photos.load_image(str(tmp_path / 'r.jpg'))
     assert pixels.shape == (80, 40, 3)
     assert pixels[10, 20, 0] > 0.9 and pixels[70, 20, 2] > 0.9
 
 
 def test_huge_image_is_reduced_before_it_becomes_floats(tmp_path):
     Image.new('RGB', (8000, 6000), (90, 60, 40)).save(tmp_path / 'huge.jpg', quality=70)
-    pixels, reduction = photos.load_image(str(tmp_path / 'huge.jpg'))
+    pixels, reduction, _ = photos.load_image(str(tmp_path / 'huge.jpg'))
     assert reduction == 4 and pixels.shape == (1500, 2000, 3) and pixels.dtype == np.float32
 
 

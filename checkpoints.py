@@ -1,0 +1,291 @@
+"""The state of a run in its output folder: one writer at a time (a lock file), which results
+belong to which photo (the manifest ``checkpoints/run.json``), the checkpoints after each stage
+(named by the photos' content, not their position), and what ``--resume`` and ``--overwrite``
+may reuse or replace.
+"""
+import contextlib
+import datetime
+import errno
+import hashlib
+import json
+import os
+import pickle
+import socket
+import sys
+import zipfile
+
+import torch
+
+import utils
+from config import Config
+from morphableModel import MorphableModel
+from pipeline import SceneParameters, fitted_texture_resolution
+
+LOCK_FILE = '.faceRecon.lock'
+CHECKPOINT_FOLDER = 'checkpoints'
+MANIFEST_FILE = os.path.join(CHECKPOINT_FOLDER, 'run.json')
+TEMPORARY_PREFIX = '.tmp-'  # utils.atomic_path's temporary files
+# Config keys that a checkpoint depends on: with another value it cannot be continued.
+CHECKPOINT_CONFIG_KEYS = ('model', 'trimPca', 'bands', 'maxResolution')
+
+
+class RunError(RuntimeError):
+    """A problem of the whole run (its output folder, its checkpoints' config); the message says what to do."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint of one image is damaged or does not fit this run; the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------ the lock
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def acquire_lock(output: str) -> str:
+    """Make ``output`` and take its lock, or raise RunError naming the run that holds it. A lock
+    left by a process of this machine that no longer runs is stale: it is taken over, and said."""
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot write to output folder '{output}' ({error.strerror}): choose another --output") from None
+    path = os.path.join(output, LOCK_FILE)
+    record = dict(pid=os.getpid(), host=socket.gethostname(), started=datetime.datetime.now().isoformat(timespec='seconds'),
+                  command=' '.join(sys.argv))
+    for _ in range(2):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder.get('host') == record['host'] and not _process_alive(int(holder.get('pid', -1))):
+                print(f"note: removing the stale lock of process {holder.get('pid')} (started {holder.get('started')}, "
+                      f"no longer running) from '{output}'")
+                os.remove(path)
+                continue
+            raise RunError(f"output folder '{output}' is in use by process {holder.get('pid')} on "
+                           f"{holder.get('host')} since {holder.get('started')} ({holder.get('command')}): wait for "
+                           f"it to finish, or choose another --output (if that run is dead, delete {path})") from None
+        except OSError as error:
+            raise RunError(f"cannot write to output folder '{output}' ({error.strerror}): choose another --output") from None
+        with os.fdopen(handle, 'w', encoding='utf-8') as file:
+            json.dump(record, file)
+        return path
+    raise RunError(f"could not take the lock {path}: delete it if no run is using '{output}'")
+
+
+def _read_lock(path: str) -> dict:
+    try:
+        with open(path, encoding='utf-8') as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return {}  # being written right now, or damaged: held by nobody known
+
+
+@contextlib.contextmanager
+def locked(output: str):
+    """Hold ``output``'s lock for the block."""
+    path = acquire_lock(output)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+# ---------------------------------------------------------------------------- the folder
+
+def holds_results(output: str) -> bool:
+    """Whether ``output`` holds any file but this run's lock (empty folders do not count: a run
+    that failed before fitting leaves nothing that blocks the next)."""
+    for folder, _, files in os.walk(output):
+        if any(not (folder == output and name == LOCK_FILE) for name in files):
+            return True
+    return False
+
+
+def prepare_output(output: str, overwrite: bool, resume: bool) -> None:
+    """With the lock held: refuse earlier results unless told what to do with them; with
+    ``--overwrite`` move them aside (nothing is lost, and it is said) so that the folder holds
+    this run's results only; remove the temporary files of killed writes."""
+    if holds_results(output) and not (overwrite or resume):
+        raise RunError(f"output folder '{output}' already holds results: pass --overwrite to replace them, "
+                       f"--resume to continue that run, or choose another --output")
+    if overwrite and holds_results(output):
+        aside = f"{output.rstrip(os.sep)}.previous-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        try:
+            os.makedirs(aside)
+            for name in os.listdir(output):
+                if name != LOCK_FILE:
+                    os.rename(os.path.join(output, name), os.path.join(aside, name))
+        except OSError as error:
+            raise RunError(f"--overwrite: cannot move the earlier results of '{output}' aside to '{aside}' "
+                           f"({error.strerror}): move or delete them yourself") from None
+        print(f"--overwrite: moved the earlier results of '{output}' to '{aside}' (delete it when you no longer "
+              f"need it)")
+    removed = 0
+    for folder, _, files in os.walk(output):
+        for name in files:
+            if name.startswith(TEMPORARY_PREFIX):
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    if removed:
+        print(f'note: removed {removed} unfinished file(s) of an interrupted run ({TEMPORARY_PREFIX}*)')
+    try:
+        os.makedirs(os.path.join(output, CHECKPOINT_FOLDER), exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot write to output folder '{output}' ({error.strerror}): choose another --output") from None
+
+
+def is_results_folder(folder: str) -> bool:
+    """Whether ``folder`` is an output folder of this tool (it has a manifest or a lock)."""
+    return os.path.isfile(os.path.join(folder, MANIFEST_FILE)) or os.path.isfile(os.path.join(folder, LOCK_FILE))
+
+
+def refuse_results_as_inputs(input_path: str, output: str) -> None:
+    """This tool's results are never read as photos: an --input that is the --output folder, lies
+    inside it, or is (in) another results folder of this tool is refused."""
+    source = os.path.realpath(input_path)
+    target = os.path.realpath(output)
+    folder = source if os.path.isdir(source) else os.path.dirname(source)
+    if source == target or source.startswith(target + os.sep):
+        raise RunError(f"--input '{input_path}' is (inside) the --output folder '{output}': the results would be "
+                       f"read as photos; write the results to another folder")
+    if is_results_folder(folder):
+        raise RunError(f"--input '{input_path}' is (in) a results folder of this tool: point --input at the photos")
+
+
+# ---------------------------------------------------------------------------- the manifest
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's content (hex): a photo is known by what it shows, not where it lies."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as file:
+        for block in iter(lambda: file.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def image_key(digest: str) -> str:
+    """The checkpoint name of one photo fitted alone."""
+    return f'image-{digest[:16]}'
+
+
+def batch_key(digests: list) -> str:
+    """The checkpoint name of a set of photos fitted with one identity."""
+    return 'batch-' + hashlib.sha256(''.join(sorted(digests)).encode()).hexdigest()[:16]
+
+
+def config_fingerprint(config: Config) -> dict:
+    """What checkpoints made with ``config`` depend on."""
+    return {**{key: getattr(config, key) for key in CHECKPOINT_CONFIG_KEYS},
+            'fittedTextureResolution': fitted_texture_resolution(config)}
+
+
+class Manifest:
+    """``checkpoints/run.json``: the config the checkpoints were made with, and for every output
+    index the photo (path, content digest) and the checkpoint its results were written from."""
+
+    def __init__(self, output: str, config: dict, images: dict):
+        self.output, self.config, self.images = output, config, images
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.output, MANIFEST_FILE)
+
+    @staticmethod
+    def load(output: str) -> 'Manifest':
+        """The manifest of ``output``: an empty one where there is none; RunError where it is damaged."""
+        path = os.path.join(output, MANIFEST_FILE)
+        if not os.path.isfile(path):
+            return Manifest(output, {}, {})
+        try:
+            with open(path, encoding='utf-8') as file:
+                record = json.load(file)
+            return Manifest(output, dict(record['config']), {int(k): dict(v) for k, v in record['images'].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise RunError(f"'{path}' is damaged ({error}): which checkpoint belongs to which photo is unknown; "
+                           f"start again with --overwrite") from None
+
+    def check_config(self, fingerprint: dict) -> None:
+        """Refuse to continue checkpoints made with a config they depend on, changed."""
+        changed = {key: (self.config[key], value) for key, value in fingerprint.items()
+                   if key in self.config and self.config[key] != value}
+        if changed:
+            said = ', '.join(f'{key} was {old!r}, now {new!r}' for key, (old, new) in changed.items())
+            raise RunError(f"--resume: the checkpoints in '{self.output}' were made with another config ({said}): "
+                           f"resume with the config they were made with, or start again with --overwrite")
+
+    def record(self, index: int, path: str, digest: str, key: str) -> None:
+        self.images[index] = dict(path=os.path.abspath(path), digest=digest, checkpoint=key)
+
+    def written_from(self, index: int, digest: str, key: str) -> bool:
+        """Whether the results at ``index`` were written from this photo's checkpoint ``key``."""
+        entry = self.images.get(index, {})
+        return entry.get('digest') == digest and entry.get('checkpoint') == key
+
+    def save(self, config: dict) -> None:
+        self.config = config
+        utils.write_text(self.path, json.dumps(dict(config=config, images={str(k): v for k, v in
+                                                                           sorted(self.images.items())}), indent=1))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def checkpoint_path(output: str, key: str, stage: int) -> str:
+    return os.path.join(output, CHECKPOINT_FOLDER, f'{key}_stage{stage}.pt')
+
+
+def save_checkpoint(output: str, key: str, params: SceneParameters) -> None:
+    """The parameters after a stage; a full disk is an OSError like any failed write (torch.save
+    says RuntimeError)."""
+    path = checkpoint_path(output, key, params.stage)
+    try:
+        params.save(path)
+    except RuntimeError as error:
+        raise OSError(errno.EIO, f'the checkpoint could not be written ({error})', path) from None
+
+
+def load_checkpoint(output: str, key: str, until: int, model: MorphableModel, n_images: int, bands: int):
+    """The parameters of the latest finished stage <= ``until`` of ``key``, or None; a damaged
+    checkpoint, or one that does not fit this model and these images, is a CheckpointError."""
+    for stage in range(until, 0, -1):
+        path = checkpoint_path(output, key, stage)
+        if not os.path.isfile(path):
+            continue
+        try:
+            params = SceneParameters.load(path)
+        except (RuntimeError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile,
+                pickle.UnpicklingError) as error:
+            raise CheckpointError(f"checkpoint '{path}' is damaged or not one of this tool's "
+                                  f"({type(error).__name__}: {str(error)[:120]}): delete it to fit the photo again") from None
+        problem = _mismatch(params, model, n_images, bands)
+        if problem:
+            raise CheckpointError(f"checkpoint '{path}' does not fit this run ({problem}): delete it to fit the "
+                                  f"photo again")
+        return params
+    return None
+
+
+def _mismatch(params: SceneParameters, model: MorphableModel, n_images: int, bands: int) -> str:
+    """What in ``params`` does not fit the model and images of this run ('' if nothing)."""
+    n_identities = params.identity.shape[0] if params.identity.ndim == 2 else -1
+    expected = dict(identity=(n_identities, model.n_shape), expression=(n_images, model.n_expression),
+                    rotation=(n_images, 3), translation=(n_images, 3), focal=(n_images,),
+                    albedo=(n_identities, model.n_albedo), sh=(n_images, bands ** 2, 3))
+    for name, shape in expected.items():
+        tensor = getattr(params, name)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            return f'{name} has shape {tuple(getattr(tensor, "shape", ()))}, expected {shape}'
+    if n_identities not in (1, n_images):
+        return f'{n_identities} identities for {n_images} images'
+    for name, tensor in params.tensors().items():
+        if not torch.isfinite(tensor).all():
+            return f'{name} holds NaN or infinite values'
+    return ''
