@@ -102,12 +102,25 @@ def locked(output: str):
 # ---------------------------------------------------------------------------- the folder
 
 def holds_results(output: str) -> bool:
-    """Whether ``output`` holds any file but this run's lock (empty folders do not count: a run
-    that failed before fitting leaves nothing that blocks the next)."""
+    """Whether ``output`` holds any file but the lock, temporary files of killed writes and a
+    manifest that names no photo yet: a run that failed before fitting leaves nothing that
+    blocks the next."""
     for folder, _, files in os.walk(output):
-        if any(not (folder == output and name == LOCK_FILE) for name in files):
+        for name in files:
+            path = os.path.join(folder, name)
+            if path == os.path.join(output, LOCK_FILE) or name.startswith(TEMPORARY_PREFIX):
+                continue
+            if path == os.path.join(output, MANIFEST_FILE) and _names_no_photo(output):
+                continue
             return True
     return False
+
+
+def _names_no_photo(output: str) -> bool:
+    try:
+        return not Manifest.load(output).images
+    except RunError:
+        return False  # a damaged manifest counts as results
 
 
 def prepare_output(output: str, overwrite: bool, resume: bool) -> None:
