@@ -339,11 +339,18 @@ def consistent(model: MorphableModel) -> bool:
     return all(in_range) and finite and head_ok
 
 
-def _cached(sources: list, kind: str, build) -> MorphableModel:
+def _cached(sources: list, kind: str, build, what: str, remedy: str) -> MorphableModel:
+    """The model of ``sources`` from the cache, else ``build()`` and cached. A file that the
+    build finds missing, truncated or inconsistent stops it with a ModelFileError naming
+    ``what`` was read and the ``remedy``."""
     path = _cache_path(sources, kind)
     model = _load_cache(path)
     if model is None:
-        model = build()
+        try:
+            model = build()
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise ModelFileError(f'{what} is incomplete or damaged ({type(error).__name__}: {str(error)[:160]}): '
+                                 f'{remedy}') from None
         try:
             _save_cache(path, model)
         except OSError:
@@ -492,14 +499,8 @@ def load_bfm2017(folder: str, association_file: str = '') -> MorphableModel:
     _require_file(shape_path, 'Basel Face Model 2017 file ' + BFM_FILE, BFM_URL + ' (after a license form)')
     _require_file(albedo_path, 'AlbedoMM file ' + ALBEDO_FILE, ALBEDO_URL)
     sources = [shape_path, albedo_path] + _association_sources(association_file)
-
-    def build() -> MorphableModel:
-        try:
-            return _build_bfm(folder, association_file)
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
-            raise ModelFileError(f"the Basel model files in '{folder}' are damaged or inconsistent "
-                                 f"({type(error).__name__}: {str(error)[:160]}): download them again") from None
-    return _cached(sources, 'bfm2017', build)
+    return _cached(sources, 'bfm2017', lambda: _build_bfm(folder, association_file),
+                   f"the Basel model files in '{folder}'", 'download them again')
 
 
 def _association_sources(association_file: str) -> list:
@@ -614,14 +615,8 @@ def load_ict(path: str, association_file: str = '') -> MorphableModel:
     for source in sources:
         _require_file(source, 'ICT-FaceKit file ' + os.path.basename(source), ICT_URL)
     sources += _association_sources(association_file)
-
-    def build() -> MorphableModel:
-        try:
-            return _build_ict(model_folder, association_file)
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
-            raise ModelFileError(f"ICT-FaceKit in '{model_folder}' is incomplete or damaged ({type(error).__name__}: "
-                                 f"{str(error)[:160]}): download it again from {ICT_URL}") from None
-    return _cached(sources, 'ict', build)
+    return _cached(sources, 'ict', lambda: _build_ict(model_folder, association_file),
+                   f"ICT-FaceKit in '{model_folder}'", f'download it again from {ICT_URL}')
 
 
 # NextFace's trimPca keeps this many shape and albedo components.

@@ -279,11 +279,16 @@ def test_resume_refuses_checkpoints_of_another_config(photo, ict, tmp_path, caps
     assert status == 2 and 'run.json' in text and 'is damaged' in text
 
 
-def test_a_changed_shared_identity_set_is_said_and_fitted_again(photo, ict, tmp_path, capsys):
-    folder = tmp_path / 'in'
+def two_photos(folder, photo) -> None:
+    """a.png (the astronaut) and b.png (mirrored) in ``folder``."""
     folder.mkdir()
     shutil.copy(photo['image'], folder / 'a.png')
     Image.open(photo['image']).transpose(Image.FLIP_LEFT_RIGHT).save(folder / 'b.png')
+
+
+def test_a_changed_shared_identity_set_is_said_and_fitted_again(photo, ict, tmp_path, capsys):
+    folder = tmp_path / 'in'
+    two_photos(folder, photo)
     output = tmp_path / 'out'
     assert run(['--input', folder, '--output', output, '--sharedIdentity'] + STAGE1 + ict, capsys)[0] == 0
     os.remove(folder / 'b.png')
@@ -327,9 +332,7 @@ def test_results_are_never_read_as_photos(photo, ict, tmp_path, capsys):
 
 def test_overwrite_leaves_only_this_runs_results(photo, ict, tmp_path, capsys):
     folder = tmp_path / 'in'
-    folder.mkdir()
-    shutil.copy(photo['image'], folder / 'a.png')
-    Image.open(photo['image']).transpose(Image.FLIP_LEFT_RIGHT).save(folder / 'b.png')
+    two_photos(folder, photo)
     output = tmp_path / 'out'
     assert run(['--input', folder, '--output', output] + STAGE1 + ict, capsys)[0] == 0
     os.remove(folder / 'b.png')
