@@ -328,7 +328,7 @@ def consistent(model: MorphableModel) -> bool:
     in_range = [0 <= int(model.faces.min()) and int(model.faces.max()) < n,
                 len(model.uvs) == 0 or (0 <= int(model.uv_faces.min()) and int(model.uv_faces.max()) < len(model.uvs)),
                 int(model.landmark_vertices.max()) < n]
-    finite = all(bool(torch.isfinite(getattr(model, name)).all()) for name in
+    finite = all(bool(np.isfinite(getattr(model, name).numpy()).all()) for name in
                  ('mean_shape', 'shape_basis', 'expression_basis', 'diffuse_mean', 'diffuse_basis', 'uvs'))
     head = model.head
     head_ok = head is None or (
