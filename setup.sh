@@ -32,6 +32,7 @@ if [ "${1:-}" = "--no-demo" ]; then
 fi
 mkdir -p output
 .venv/bin/python -c "import imageio.v3 as iio, skimage.data; iio.imwrite('output/astronaut.png', skimage.data.astronaut())"
-.venv/bin/python optimizer.py --input output/astronaut.png --output output/demo --overwrite \
+rm -rf output/demo  # the demo's own folder: a fresh fit each time (--overwrite would keep the old one aside)
+.venv/bin/python optimizer.py --input output/astronaut.png --output output/demo \
     --set model=ict --set path="$ICT_FOLDER"
 echo "Demo done: the outputs are in $(pwd)/output/demo (render_0.png shows the fit)"
