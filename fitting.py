@@ -79,10 +79,13 @@ def initial_pose(model_points: np.ndarray, image_points: np.ndarray, focal: floa
     return axis_angle_from_matrix(rotation), translation
 
 
-def levenberg_marquardt(residuals, x: torch.Tensor, iterations: int, tolerance: float = 1e-10) -> tuple:
-    """Minimise ||residuals(x)||² from x [p] -> (x, history: energy and seconds per iteration).
-    Marquardt's diagonal scaling makes the step invariant to the parameters' units (radians,
-    millimetres, σ)."""
+def levenberg_marquardt(residuals, x: torch.Tensor, iterations: int, tolerance: float = 1e-10,
+                        lower: torch.Tensor = None, upper: torch.Tensor = None) -> tuple:
+    """Minimise ||residuals(x)||² from x [p], within the box ``lower`` <= x <= ``upper`` [p] if
+    given -> (x, history: energy and seconds per iteration). Marquardt's diagonal scaling makes the
+    step invariant to the parameters' units (radians, millimetres, σ). In the box, a parameter at
+    a bound that the gradient pushes outward sits out the step (an active set), and the step is
+    clipped to the box."""
     damping = 1e-3
     r = residuals(x)
     energy = float(r @ r)
@@ -93,9 +96,14 @@ def levenberg_marquardt(residuals, x: torch.Tensor, iterations: int, tolerance: 
         gradient = jacobian.T @ r
         hessian = jacobian.T @ jacobian
         diagonal = torch.diag(torch.diag(hessian).clamp_min(1e-9))
+        free = torch.ones_like(x, dtype=torch.bool)
+        if lower is not None:
+            free = ~(((x <= lower) & (gradient > 0)) | ((x >= upper) & (gradient < 0)))
         while True:
-            step = torch.linalg.solve(hessian + damping * diagonal, -gradient)
-            candidate = x + step
+            step = torch.zeros_like(x)
+            system = (hessian + damping * diagonal)[free][:, free]
+            step[free] = torch.linalg.solve(system, -gradient[free])
+            candidate = x + step if lower is None else torch.clamp(x + step, lower, upper)
             r_candidate = residuals(candidate)
             candidate_energy = float(r_candidate @ r_candidate)
             if math.isfinite(candidate_energy) and candidate_energy < energy:
@@ -121,6 +129,7 @@ class LandmarkProblem:
     so NextFace's default weights give the plain Gaussian prior."""
 
     def __init__(self, model: MorphableModel, targets: Targets, config: Config):
+        self.expression_bounds = model.expression_bounds
         index = model.landmark_vertices.clamp_min(0)
         self.mean = model.mean_shape[index].double()  # [68, 3]
         self.expression_basis = model.expression_basis[:, index].double()  # [n_expr, 68, 3]
@@ -137,6 +146,17 @@ class LandmarkProblem:
 
     def pack(self, **values) -> torch.Tensor:
         return torch.cat([values[k].reshape(-1) for k in self.sizes])
+
+    def bounds(self) -> tuple:
+        """(lower, upper) [p] of the packed parameters: blendshape weights in their range, the
+        rest free; (None, None) without bounds."""
+        if self.expression_bounds is None:
+            return None, None
+        infinite = {key: torch.full(size, math.inf, dtype=torch.float64) for key, size in self.sizes.items()}
+        low, high = self.expression_bounds
+        lower = self.pack(**{**{k: -v for k, v in infinite.items()}, 'expression': torch.full(self.sizes['expression'], low)})
+        upper = self.pack(**{**infinite, 'expression': torch.full(self.sizes['expression'], high)})
+        return lower.double(), upper.double()
 
     def unpack(self, x: torch.Tensor) -> dict:
         out, start = {}, 0
@@ -177,6 +197,7 @@ def fit_landmarks(model: MorphableModel, targets: Targets, config: Config, share
     relative = (targets.landmarks - targets.centres[:, None]).numpy()  # [n, 68, 2]
     usable = targets.landmark_usable.numpy()
     best, history = None, []
+    lower, upper = problem.bounds()
     for focals in focal_candidates(targets.sizes, config):
         focal = torch.tensor(focals, dtype=torch.float64)
         poses = [initial_pose(mean_points[ok], points[ok], f) for points, ok, f in zip(relative, usable, focals)]
@@ -185,7 +206,8 @@ def fit_landmarks(model: MorphableModel, targets: Targets, config: Config, share
             translation=torch.tensor(np.stack([p[1] for p in poses])),
             expression=torch.zeros(problem.sizes['expression'], dtype=torch.float64),
             log_focal=focal.log() if config.optimizeFocalLength else torch.zeros(0, dtype=torch.float64))
-        x, steps = levenberg_marquardt(lambda v: problem.residuals(v, focal), x0, config.iterStep1)
+        x, steps = levenberg_marquardt(lambda v: problem.residuals(v, focal), x0, config.iterStep1,
+                                       lower=lower, upper=upper)
         history += steps
         energy = float(problem.residuals(x, focal).square().sum())
         if best is None or energy < best[1]:
@@ -229,12 +251,14 @@ def learning_rate_factor(iteration: int, iterations: int) -> float:
     return 1.0 if progress < 0.5 else 1.0 - 1.8 * (progress - 0.5)
 
 
-def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Config, on_progress=None) -> list:
+def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Config, on_progress=None,
+              project=None) -> list:
     """Adam over ``groups`` (torch param groups) for ``iterations`` steps of the sum of
     ``loss_terms(iteration)`` (a dict of weighted terms by name) -> history: the terms and the
-    seconds of each step. A non-finite loss puts back the last good values and halves the steps;
-    it fails the image after five in a row. ``on_progress(iteration)`` runs every
-    ``debugFrequency`` steps and after the last."""
+    seconds of each step. ``project()`` puts the parameters back into their bounds after each
+    step. A non-finite loss puts back the last good values and halves the steps; it fails the
+    image after five in a row. ``on_progress(iteration)`` runs every ``debugFrequency`` steps and
+    after the last."""
     adam = torch.optim.Adam(groups)
     base_rates = [group['lr'] for group in adam.param_groups]
     tensors = [t for group in groups for t in group['params']]
@@ -260,6 +284,9 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
         bad_in_a_row = 0
         loss.backward()
         adam.step()
+        if project is not None:
+            with torch.no_grad():
+                project()
         if iteration % 10 == 0:
             good = [t.detach().clone() for t in tensors]
         values = {name: float(term.detach()) for name, term in terms.items()}
@@ -310,8 +337,10 @@ def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
             expression_prior=config.weightExpressionReg * (params.expression ** 2).mean(),
             albedo_prior=config.weightAlbedoReg * (params.albedo ** 2).mean())
 
+    bounds = pipeline.model.expression_bounds
     history = adam_loop('stage 2', groups, loss_terms, config.iterStep2, config,
-                        on_progress and (lambda k: on_progress(params, k)))
+                        on_progress and (lambda k: on_progress(params, k)),
+                        bounds and (lambda: params.expression.clamp_(*bounds)))
     params = params.detached()
     params.stage = 2
     return params, history

@@ -60,6 +60,9 @@ ICT_MEAN_DIFFUSE = (0.45, 0.30, 0.23)
 ICT_DIFFUSE_STD = 0.12
 ICT_MEAN_SPECULAR = 0.04
 ICT_SPECULAR_STD = 0.03
+# Models whose expression coefficients are blendshape weights in [0, 1] (ICT-FaceKit's shapes
+# follow Apple's ARKit blendshapes), not Gaussian coefficients.
+BLENDSHAPE_MODELS = ('ict',)
 
 
 # The parts of an exported head; ``HeadMesh.parts`` holds an index into this tuple per triangle.
@@ -125,6 +128,7 @@ class MorphableModel:
     specular_mean: torch.Tensor     # [verts, 3]
     specular_basis: torch.Tensor    # [n_albedo, verts, 3]
     head: HeadMesh = None           # the whole head where the model has one (ICT-FaceKit)
+    expression_names: tuple = ()    # [n_expr] blendshape names (ICT-FaceKit: ARKit's, some split L/R)
 
     @property
     def n_shape(self) -> int:
@@ -137,6 +141,11 @@ class MorphableModel:
     @property
     def n_albedo(self) -> int:
         return self.diffuse_basis.shape[0]
+
+    @property
+    def expression_bounds(self):
+        """(low, high) of every expression coefficient for blendshape models, else None."""
+        return (0.0, 1.0) if self.name in BLENDSHAPE_MODELS else None
 
     @property
     def has_albedo_model(self) -> bool:
@@ -269,7 +278,7 @@ def uv_area_distortion(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
 # ---------------------------------------------------------------------------------- the cache
 
 # Raised whenever what a cache holds changes, so that caches of earlier versions are rebuilt.
-CACHE_FORMAT = 3  # 2: ICT-FaceKit's whole head; 3: keyed on every source file
+CACHE_FORMAT = 4  # 2: ICT-FaceKit's whole head; 3: keyed on every source file; 4: expression names
 
 
 def _cache_path(sources: list, kind: str) -> str:
@@ -295,7 +304,7 @@ def _save_cache(path: str, model: MorphableModel) -> None:
         arrays.update(_tensor_fields(model.head, 'head.'))
     with utils.atomic_path(path) as temporary:
         with open(temporary, 'wb') as file:
-            np.savez(file, name=model.name, **arrays)
+            np.savez(file, name=model.name, expression_names=np.array(model.expression_names, dtype=str), **arrays)
 
 
 def _load_cache(path: str):
@@ -304,10 +313,11 @@ def _load_cache(path: str):
     try:
         with np.load(path) as data:
             name = str(data['name'])
-            tensors = {key: torch.from_numpy(data[key]) for key in data.files if key != 'name'}
+            names = tuple(str(s) for s in data['expression_names'])
+            tensors = {key: torch.from_numpy(data[key]) for key in data.files if key not in ('name', 'expression_names')}
         head_keys = [key for key in tensors if key.startswith('head.')]
         head = HeadMesh(**{key[len('head.'):]: tensors.pop(key) for key in head_keys}) if head_keys else None
-        model = MorphableModel(name=name, head=head, **tensors)
+        model = MorphableModel(name=name, head=head, expression_names=names, **tensors)
     except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None  # an unreadable cache is rebuilt
     return model if consistent(model) else None  # so is one that reads but makes no model
@@ -455,7 +465,8 @@ def _tensor(array: np.ndarray, dtype=torch.float32) -> torch.Tensor:
 
 
 def _canonical_model(name, mean_shape, shape_basis, expression_basis, faces, uvs, uv_faces, landmarks,
-                     diffuse_mean, diffuse_basis, specular_mean, specular_basis, head: dict = None) -> MorphableModel:
+                     diffuse_mean, diffuse_basis, specular_mean, specular_basis, head: dict = None,
+                     expression_names: tuple = ()) -> MorphableModel:
     """Arrays in the model's own frame (y up, face toward +z, mm) -> a canonical ``MorphableModel``.
 
     Without ``uvs`` a low-distortion UV map is computed. Faces are re-oriented so that their
@@ -490,7 +501,8 @@ def _canonical_model(name, mean_shape, shape_basis, expression_basis, faces, uvs
         uvs=_tensor(uvs), uv_faces=_tensor(uv_faces, torch.int64),
         landmark_vertices=_tensor(landmarks, torch.int64),
         diffuse_mean=_tensor(diffuse_mean), diffuse_basis=_tensor(diffuse_basis),
-        specular_mean=_tensor(specular_mean), specular_basis=_tensor(specular_basis), head=head_mesh)
+        specular_mean=_tensor(specular_mean), specular_basis=_tensor(specular_basis), head=head_mesh,
+        expression_names=tuple(expression_names))
 
 
 def load_bfm2017(folder: str, association_file: str = '') -> MorphableModel:
@@ -594,7 +606,7 @@ def _build_ict(model_folder: str, association_file: str) -> MorphableModel:
         'ict', neutral * to_mm, shape_basis * to_mm, expression_basis * to_mm, faces,
         uvs[used_uvs], uv_faces, landmarks,
         np.tile(np.float32(ICT_MEAN_DIFFUSE), (n, 1)), diffuse_basis,
-        np.full((n, 3), ICT_MEAN_SPECULAR, np.float32), specular_basis, head)
+        np.full((n, 3), ICT_MEAN_SPECULAR, np.float32), specular_basis, head, indices['fitting_expressions'])
 
 
 def find_ict_folder(path: str) -> str:

@@ -81,3 +81,24 @@ def test_shared_identity_fits_one_shape_for_several_images(small_bfm):
     assert fitted.identity.shape == (1, model.n_shape) and fitted.rotation.shape == (3, 3)
     assert (errors < 0.5).all()
     assert (rotation_error_degrees(fitted.rotation, truth.rotation) < 2.0).all()
+
+
+def test_ict_expressions_are_blendshape_weights_in_0_1(ict_folder):
+    """ICT-FaceKit's expressions are fitted as blendshape weights, within [0, 1]: a known jaw
+    opening, smile and blink come back, and no weight leaves the range (the N(0, 1) prior alone
+    would let them go negative)."""
+    model = morphableModel.load_ict(ict_folder)
+    assert model.expression_bounds == (0.0, 1.0) and len(model.expression_names) == model.n_expression == 53
+    weights = {'jawOpen': 0.6, 'mouthSmile_L': 0.5, 'mouthSmile_R': 0.5, 'eyeBlink_L': 0.4, 'eyeBlink_R': 0.4}
+    expression = torch.zeros(1, model.n_expression)
+    for name, weight in weights.items():
+        expression[0, model.expression_names.index(name)] = weight
+    truth = truth_parameters(model, 1, 1, expression=expression, rotation=torch.tensor([[0.1, -0.3, 0.02]]),
+                             translation=torch.tensor([[5.0, -10.0, 700.0]]), focal=torch.tensor([900.0]))
+    images = synthetic_images(model, truth)
+    fitted, errors = fit_landmarks(model, images, config.Config().replace(model='ict'), shared_identity=False)
+    recovered = {name: round(float(fitted.expression[0, model.expression_names.index(name)]), 3) for name in weights}
+    print(f'ICT blendshapes: truth {weights}, fitted {recovered}, landmark error {errors[0]:.2f} px')
+    assert float(fitted.expression.min()) >= 0.0 and float(fitted.expression.max()) <= 1.0
+    assert errors[0] < 1.0
+    assert abs(recovered['jawOpen'] - 0.6) < 0.15 and recovered['mouthSmile_L'] > 0.2 and recovered['mouthSmile_R'] > 0.2
