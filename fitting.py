@@ -38,14 +38,19 @@ class Targets:
     @staticmethod
     def of(model: MorphableModel, images: list[FitImage]) -> 'Targets':
         """The targets of ``images`` for ``model``."""
-        points = np.stack([image.landmarks for image in images])  # [n, 68, 2], NaN where not found
+        targets = Targets.of_landmarks(model, np.stack([image.landmarks for image in images]),
+                                       [image.size for image in images])
+        targets.photos = [torch.from_numpy(image.linear_pixels()) for image in images]
+        return targets
+
+    @staticmethod
+    def of_landmarks(model: MorphableModel, points: np.ndarray, sizes: list) -> 'Targets':
+        """Landmark targets alone: points [n, 68, 2] (NaN where not found) in images of ``sizes``."""
         usable = np.isfinite(points).all(-1) & (model.landmark_vertices.numpy() >= 0)[None]
-        sizes = [image.size for image in images]
         return Targets(
             landmarks=torch.from_numpy(np.nan_to_num(points, nan=0.0)).float(),
             landmark_weights=torch.from_numpy(usable * landmarks_module.LANDMARK_WEIGHTS).float(),
-            sizes=sizes, centres=image_centres(sizes),
-            photos=[torch.from_numpy(image.linear_pixels()) for image in images])
+            sizes=list(sizes), centres=image_centres(sizes), photos=[])
 
     @property
     def landmark_usable(self) -> torch.Tensor:
@@ -128,10 +133,13 @@ class LandmarkProblem:
     focal length and pose apart. σ = max(w, h) / 128 px (2 px at 256 px), and λ = weight / 0.001,
     so NextFace's default weights give the plain Gaussian prior."""
 
-    def __init__(self, model: MorphableModel, targets: Targets, config: Config):
+    def __init__(self, model: MorphableModel, targets: Targets, config: Config, identity: torch.Tensor = None):
+        """``identity`` [n_shape]: a known identity (a tracked clip's), else the mean face."""
         self.expression_bounds = model.expression_bounds
         index = model.landmark_vertices.clamp_min(0)
         self.mean = model.mean_shape[index].double()  # [68, 3]
+        if identity is not None:
+            self.mean = self.mean + torch.einsum('k,kvc->vc', identity.double(), model.shape_basis[:, index].double())
         self.expression_basis = model.expression_basis[:, index].double()  # [n_expr, 68, 3]
         self.targets = targets.landmarks.double()
         self.centres = targets.centres.double()
@@ -171,11 +179,17 @@ class LandmarkProblem:
         canonical = self.mean + torch.einsum('nk,kvc->nvc', p['expression'], self.expression_basis)
         return project(to_camera(canonical, p['rotation'], p['translation']), focal, self.centres)
 
-    def residuals(self, x: torch.Tensor, fixed_focal: torch.Tensor) -> torch.Tensor:
+    def residuals(self, x: torch.Tensor, fixed_focal: torch.Tensor, anchor: torch.Tensor = None,
+                  anchor_weights: torch.Tensor = None) -> torch.Tensor:
+        """The residuals [r] of the packed parameters ``x``; with ``anchor`` [p] (the previous
+        frame's), √w (x − anchor) too, ``anchor_weights`` w [p]: a temporal prior against jitter."""
         p = self.unpack(x)
         focal = p['log_focal'].exp() if self.optimize_focal else fixed_focal
         error = (self.landmark_pixels(p, focal) - self.targets) * self.residual_scale[..., None]
-        return torch.cat([error.reshape(-1), self.expression_weight * p['expression'].reshape(-1)])
+        terms = [error.reshape(-1), self.expression_weight * p['expression'].reshape(-1)]
+        if anchor is not None:
+            terms.append(anchor_weights.sqrt() * (x - anchor))
+        return torch.cat(terms)
 
 
 def focal_candidates(sizes: list, config: Config) -> list:

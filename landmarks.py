@@ -85,16 +85,20 @@ class MediapipeDetector:
             # image waits for that while the logs still go to /dev/null.
             self._mesh.process(np.zeros((64, 64, 3), np.uint8))
 
-    def detect(self, image_uint8: np.ndarray) -> tuple:
-        """[h, w, 3] uint8 RGB -> (landmarks [68, 2] of the largest face, number of faces found)."""
+    def detect_all(self, image_uint8: np.ndarray) -> list:
+        """[h, w, 3] uint8 RGB -> landmarks [68, 2] of every face found."""
         small, scale = _downscaled(image_uint8)
         with native_logs_silenced():
             result = self._mesh.process(np.ascontiguousarray(small))
-        if not result.multi_face_landmarks:
-            return None, 0
         height, width = small.shape[:2]
-        faces = [np.array([[p.x * width, p.y * height] for p in face.landmark])[MEDIAPIPE_TO_IBUG] / scale
-                 for face in result.multi_face_landmarks]
+        return [np.array([[p.x * width, p.y * height] for p in face.landmark])[MEDIAPIPE_TO_IBUG] / scale
+                for face in (result.multi_face_landmarks or [])]
+
+    def detect(self, image_uint8: np.ndarray) -> tuple:
+        """[h, w, 3] uint8 RGB -> (landmarks [68, 2] of the largest face, number of faces found)."""
+        faces = self.detect_all(image_uint8)
+        if not faces:
+            return None, 0
         return _largest(faces)[0], len(faces)
 
 

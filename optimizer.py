@@ -26,10 +26,13 @@ import photos
 import renderer
 import results
 import textures
+import tracking
+import utils
+import video
 from config import Config
 from morphableModel import MorphableModel
 from photos import FitImage
-from pipeline import Pipeline, SceneParameters, rotation_matrix
+from pipeline import Pipeline, SceneParameters, project, rotation_matrix, to_camera
 
 
 # --------------------------------------------------------------------------- the command
@@ -42,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
         with checkpoints.locked(args.output):
             return replay(args.output, config)
     checkpoints.refuse_results_as_inputs(args.input, args.output)
+    if args.video or video.is_video(args.input):
+        clip = video.Clip(args.input, args.fps)
+        with checkpoints.locked(args.output):
+            checkpoints.prepare_output(args.output, args.overwrite, args.resume)
+            return fit_clip(args, config, clip)
     paths, skipped = photos.list_inputs(args.input)
     for path, reason in skipped:
         print(f'note: skipping {path}: {reason}')
@@ -120,10 +128,73 @@ def fit_inputs(args: argparse.Namespace, config: Config, paths: list) -> int:
     return 0 if not failures else 1
 
 
+def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
+    """A clip: the person's landmarks in every frame, one identity (shape and reflectance) from
+    keyframes, each frame's pose and expression -> ``tracking.json``, ``arkit.csv`` (blendshape
+    models), ``overlay.mp4``, and the keyframes' fits in ``keyframes/``; -> exit status."""
+    model = morphableModel.load_model(config)
+    detector = landmarks_module.MediapipeDetector()
+    print(f'{clip.path}: {clip.width}x{clip.height} px, {clip.fps:.3f} fps, {clip.frame_count or "unknown"} frames')
+    quiet = not sys.stderr.isatty()
+    with tqdm(total=clip.frame_count or None, desc='finding the face', unit='frame', disable=quiet) as progress:
+        tracks = tracking.detect(clip, detector, progress)
+    if clip.damage:
+        print(f'warning: {clip.path}: {clip.damage}; the {len(tracks)} frames before it are tracked')
+    keyframes = tracking.choose_keyframes(tracks)
+    if not keyframes:
+        print(f'error: {clip.path}: no face found in any of its {len(tracks)} frames')
+        return 1
+    images = [photos.fit_image(frame.index, f'{clip.path} frame {frame.index}', frame.pixels / 255.0, 1,
+                               tracks[frame.index].landmarks, config, 'keyframe')
+              for frame in clip.frames() if frame.index in keyframes]
+    print(f'keyframes (frames {", ".join(map(str, keyframes))}): one identity for the clip')
+    digest = checkpoints.file_digest(clip.path) if os.path.isfile(clip.path) else clip.path
+    params = fit_group(model, images, config, True, os.path.join(args.output, 'keyframes'),
+                       checkpoints.batch_key([f'{digest}:{index}' for index in keyframes]), args.resume)
+    focal = float(np.median([float(params.focal[row]) / image.scale for row, image in enumerate(images)]))
+    identity, size = params.identity[0], (clip.width, clip.height)
+    with tqdm(total=len(tracks), desc='tracking', unit='frame', disable=quiet) as progress:
+        tracking.track(tracks, model, identity, focal, size, config, progress)
+    info = dict(source=os.path.abspath(clip.path), model=model.name, fps=clip.fps, width=clip.width,
+                height=clip.height, focal=focal, damage=clip.damage)
+    results.write_all({
+        'tracking.json': lambda: results.write_tracking(os.path.join(args.output, 'tracking.json'), info, tracks,
+                                                        identity.numpy(), keyframes, model.expression_names),
+        **({'arkit.csv': lambda: results.write_arkit_csv(os.path.join(args.output, 'arkit.csv'), tracks, clip.fps,
+                                                         model.expression_names)} if model.expression_bounds else {}),
+        'overlay.mp4': lambda: write_overlay(os.path.join(args.output, 'overlay.mp4'), clip, tracks, model, identity,
+                                             focal)})
+    counts = {status: sum(t.status == status for t in tracks) for status in ('fitted', 'cut', 'no face')}
+    seconds = {stage: sum(t.seconds.get(stage, 0.0) for t in tracks) for stage in ('detect', 'track')}
+    print(f'done: {len(tracks)} frames: {counts["fitted"] + counts["cut"]} tracked ({counts["cut"]} after a cut), '
+          f'{counts["no face"]} without a face; finding the face {len(tracks) / max(seconds["detect"], 1e-9):.1f} '
+          f'fps, tracking {len(tracks) / max(seconds["track"], 1e-9):.1f} fps; results in {os.path.abspath(args.output)}')
+    return 0
+
+
+def write_overlay(path: str, clip: video.Clip, tracks: list, model: MorphableModel, identity: torch.Tensor,
+                  focal: float) -> None:
+    """``overlay.mp4``: the clip with the fitted face drawn over every tracked frame."""
+    faces = model.faces.numpy()
+    centre = torch.tensor([[clip.width / 2, clip.height / 2]])
+    with utils.atomic_path(path) as temporary, video.VideoWriter(temporary, clip.fps, clip.width, clip.height) as out:
+        for frame, track in zip(clip.frames(), tracks):
+            if track.expression is None:
+                out.write(frame.pixels)
+                continue
+            with torch.no_grad():
+                canonical = model.vertices(identity[None], torch.from_numpy(track.expression).float()[None])
+                vertices = to_camera(canonical, torch.from_numpy(track.rotation).float()[None],
+                                     torch.from_numpy(track.translation).float()[None])
+                pixels = project(vertices, torch.tensor([focal]), centre)[0].numpy()
+            out.write(results.overlay_frame(frame.pixels, faces, vertices[0].numpy(), pixels, track.fitted_landmarks))
+
+
 def fit_group(model: MorphableModel, images: list[FitImage], config: Config, shared_identity: bool,
-              output: str, checkpoint_key: str, resume: bool) -> None:
+              output: str, checkpoint_key: str, resume: bool) -> SceneParameters:
     """Every stage on ``images`` (one image, or all of them with a shared identity) from
-    wherever its checkpoints stand, a checkpoint after each stage, then the results."""
+    wherever its checkpoints stand, a checkpoint after each stage, then the results -> the
+    fitted parameters."""
     targets = fitting.Targets.of(model, images)
     pipeline = Pipeline(model, config, targets.sizes)
     params = checkpoints.load_checkpoint(output, checkpoint_key, last_stage(config), model, len(images),
@@ -140,6 +211,7 @@ def fit_group(model: MorphableModel, images: list[FitImage], config: Config, sha
         params, _ = fitting.fit_stage3(pipeline, params, targets, debug_writer(output, pipeline, images, 3))
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)
     write_results(output, pipeline, params, images, targets)
+    return params
 
 
 def finish_stage(output: str, checkpoint_key: str, pipeline: Pipeline, params: SceneParameters,
@@ -282,7 +354,7 @@ def replay(output: str, config: Config) -> int:
 
 def parse_arguments(argv: list = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--input', help='an image, or a folder of images (a batch)')
+    parser.add_argument('--input', help='an image, a folder of images (a batch), or a video (mp4, mov, avi, mkv, webm)')
     parser.add_argument('--output', required=True, help='folder for the results')
     parser.add_argument('--sharedIdentity', action='store_true',
                         help='the images show one person: share identity shape and reflectance')
@@ -297,6 +369,9 @@ def parse_arguments(argv: list = None) -> argparse.Namespace:
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config key')
     parser.add_argument('--overwrite', action='store_true', help='replace results already in --output')
     parser.add_argument('--resume', action='store_true', help='continue a run in --output from its checkpoints')
+    parser.add_argument('--video', action='store_true', help='--input is a folder of numbered frames of one clip')
+    parser.add_argument('--fps', type=float, default=video.DEFAULT_FOLDER_FPS,
+                        help='frames per second of a folder of frames (--video)')
     parser.add_argument('--replay', action='store_true',
                         help='render a turntable (turntable_{i}.gif) of each face fitted in --output, from its checkpoints')
     args = parser.parse_args(argv)
@@ -328,6 +403,7 @@ def main(argv: list = None) -> int:
     try:
         return run(args)
     except (checkpoints.RunError, checkpoints.CheckpointError, photos.InputError, config_module.ConfigError,
+            results.WriteError, fitting.FitError,
             morphableModel.ModelFileError, landmarks_module.LandmarkError, renderer.RendererError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

@@ -166,18 +166,26 @@ def prepare_image(index: int, path: str, config: Config, detector, landmarks_pat
             raise InputError(f'{path}: no face found; use a photo with a visible face, or give its 68 '
                              f'landmarks with --landmarks')
         note = f'{faces} faces found, fitting the largest' if faces > 1 else 'one face found'
-    check_landmarks(path, points, pixels.shape[1], pixels.shape[0])
+    if reduction > 1:
+        note += f'; the photo is {width}x{height} px, reduced {reduction}x on loading (longer side over {MAX_INPUT_SIDE} px)'
+    return fit_image(index, path, pixels, reduction, points, config, note)
+
+
+def fit_image(index: int, source: str, pixels: np.ndarray, reduction: int, points: np.ndarray, config: Config,
+              note: str) -> FitImage:
+    """The fitted image of a picture [h, w, 3] (sRGB in [0, 1]; input pixel = its pixel ·
+    ``reduction``) with its landmarks [68, 2] (its pixels): the square around the face, scaled to
+    maxResolution; says what it made of ``source``, with ``note``."""
+    check_landmarks(source, points, pixels.shape[1], pixels.shape[0])
     x0, y0, x1, y1 = face_crop(points, pixels.shape[1], pixels.shape[0])
     fitted, scale = resize_image(pixels[y0:y1, x0:x1], config.maxResolution)
     landmarks = (points - [x0, y0]) * scale
     inside = ((landmarks >= 0) & (landmarks < [fitted.shape[1], fitted.shape[0]])).all(axis=1)
     if inside.sum() < MIN_LANDMARKS_INSIDE:
-        raise InputError(f'{path}: only {inside.sum()} of 68 landmarks lie inside the image; the face is '
+        raise InputError(f'{source}: only {inside.sum()} of 68 landmarks lie inside the image; the face is '
                          f'too cut by the border to fit')
     if not inside.all():
         note += f'; {68 - inside.sum()} landmarks outside the image are ignored'
         landmarks = np.where(inside[:, None], landmarks, np.nan)
-    if reduction > 1:
-        note += f'; the photo is {width}x{height} px, reduced {reduction}x on loading (longer side over {MAX_INPUT_SIDE} px)'
-    print(f'[{index}] {path}: {fitted.shape[1]}x{fitted.shape[0]} px (scale {scale / reduction:.3f}), {note}')
-    return FitImage(index, path, fitted, scale / reduction, landmarks, (x0 * reduction, y0 * reduction))
+    print(f'[{index}] {source}: {fitted.shape[1]}x{fitted.shape[0]} px (scale {scale / reduction:.3f}), {note}')
+    return FitImage(index, source, fitted, scale / reduction, landmarks, (x0 * reduction, y0 * reduction))

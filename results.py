@@ -14,7 +14,9 @@ import pygltflib
 import torch
 from PIL import Image, ImageDraw
 
+import tracking
 import utils
+import video
 from morphableModel import HEAD_PARTS, HeadMesh, MorphableModel
 from photos import FitImage
 from pipeline import SceneParameters, rotation_matrix
@@ -405,3 +407,53 @@ def write_glb(path: str, mesh: HeadMesh, vertices: np.ndarray, centre: np.ndarra
     gltf.scenes = [pygltflib.Scene(name='fit', nodes=[0, 1])]
     gltf.scene = 0
     builder.save(path)
+
+
+# ----------------------------------------------------------------------------------- tracking
+
+def write_tracking(path: str, clip_info: dict, tracks: list, identity: np.ndarray, keyframes: list,
+                   blendshapes: tuple) -> None:
+    """``tracking.json``: the clip (fps, size, the focal length in its pixels, model), the
+    identity coefficients once, the keyframes, and per frame: index, time, status ('fitted',
+    'no face', 'cut'), rotation (axis-angle), translation (mm), expression, and the 68 fitted
+    landmarks in the clip's pixels."""
+    as_list = lambda a: None if a is None else np.round(np.asarray(a, float), 6).tolist()
+    record = dict(clip_info, identity=as_list(identity), keyframes=keyframes, blendshapes=list(blendshapes),
+                  conventions='camera x right, y down, z forward, mm; pixel = (f*x/z + w/2, f*y/z + h/2) of the '
+                              'clip\'s frame; X_cam = R X_model + t, R from the axis-angle rotation',
+                  frames=[dict(index=t.index, time=round(t.time, 6), status=t.status, rotation=as_list(t.rotation),
+                               translation=as_list(t.translation), expression=as_list(t.expression),
+                               landmarks=as_list(t.fitted_landmarks)) for t in tracks])
+    utils.write_text(path, json.dumps(record))
+
+
+def write_arkit_csv(path: str, tracks: list, fps: float, blendshapes: tuple) -> None:
+    """``arkit.csv`` in the layout of Live Link Face's CSV: Timecode, BlendShapeCount, the 52
+    ARKit weights (ICT's split shapes averaged), the head's yaw, pitch and roll (radians) and the
+    eyes' (0: not fitted). A frame without a face holds the last fitted values."""
+    to_arkit = video.arkit_matrix(blendshapes)
+    lines = [','.join(video.LIVE_LINK_COLUMNS)]
+    weights, angles = np.zeros(len(video.ARKIT_BLENDSHAPES)), (0.0, 0.0, 0.0)
+    for track in tracks:
+        if track.expression is not None:
+            weights = np.clip(to_arkit @ track.expression, 0, 1)
+            angles = tracking.head_angles(track.rotation)
+        values = [*weights, *angles, *([0.0] * 6)]
+        lines.append(','.join([video.timecode(track.time, fps), str(len(values))] + [f'{v:.6f}' for v in values]))
+    utils.write_text(path, '\n'.join(lines) + '\n')
+
+
+def overlay_frame(pixels: np.ndarray, faces: np.ndarray, vertices: np.ndarray, vertex_pixels: np.ndarray,
+                  landmarks: np.ndarray) -> np.ndarray:
+    """A frame [h, w, 3] uint8 with the fitted face's front-facing wireframe (white) and its
+    landmarks [68, 2] (red) drawn over it; ``vertices`` [verts, 3] camera frame, their pixels
+    [verts, 2]."""
+    canvas = Image.fromarray(pixels).convert('RGBA')
+    layer = Image.new('RGBA', canvas.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    facing = (utils.face_normals_np(vertices, faces) * vertices[faces[:, 0]]).sum(1) < 0
+    for a, b, c in faces[facing]:
+        draw.line([tuple(vertex_pixels[a]), tuple(vertex_pixels[b]), tuple(vertex_pixels[c])], fill=(255, 255, 255, 50))
+    for x, y in landmarks:
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(255, 40, 40, 255))
+    return np.asarray(Image.alpha_composite(canvas, layer).convert('RGB'))

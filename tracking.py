@@ -1,0 +1,235 @@
+"""Tracking a face through a clip: find it in every frame (following one person, through cuts
+and frames without a face), pick keyframes for the identity, then fit each frame's head pose and
+expression to its landmarks from the previous frame's, with a temporal prior against jitter.
+
+Frame pixels are the clip's own; the camera's principal point is the frame's centre and its
+focal length (pixels of the frame) is one for the whole clip.
+"""
+import collections
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+import fitting
+from config import Config
+from morphableModel import MorphableModel
+from pipeline import rotation_matrix
+from video import Clip
+
+# Consecutive frames whose 32x32 grey thumbnails differ (mean, in [0, 1]) by more than
+# CUT_THRESHOLD and by CUT_RATIO times the typical difference of the frames before are a shot
+# cut: the track starts again there. (Within a shot, frames differ by 0.01-0.03; a cut by 0.15.)
+CUT_THRESHOLD, CUT_RATIO, CUT_HISTORY = 0.06, 4.0, 12
+# The tracked person is the face nearest to the last one seen; a face further than this many
+# face sizes away, or of another size by more than this factor, is somebody else.
+FOLLOW_DISTANCE, FOLLOW_SIZE_RATIO = 0.7, 1.6
+# Keyframes for the identity: the sharpest, most frontal frame of this many stretches of the clip.
+KEYFRAMES = 6
+# Levenberg-Marquardt iterations per frame (it starts from the previous frame's solution).
+TRACK_ITERATIONS = 10
+# The temporal prior: how far a frame's pose and expression may move from the previous frame's at
+# the cost of one landmark's σ (radians, millimetres, blendshape weight or σ).
+TEMPORAL_SIGMA = dict(rotation=0.1, translation=15.0, expression=0.25, log_focal=1.0)
+
+
+@dataclass
+class FrameTrack:
+    """What tracking found in one frame."""
+    index: int
+    time: float
+    status: str                          # 'fitted', 'no face', or 'cut' (fitted, the first of a new shot)
+    landmarks: np.ndarray = None         # [68, 2] detected, frame pixels
+    sharpness: float = 0.0               # variance of the face's Laplacian (grey levels²)
+    frontal: float = 0.0                 # 1 for a face looking into the camera, less when turned
+    rotation: np.ndarray = None          # [3] axis-angle, fitted
+    translation: np.ndarray = None       # [3] mm
+    expression: np.ndarray = None        # [n_expr]
+    fitted_landmarks: np.ndarray = None  # [68, 2] the model's, frame pixels
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def found(self) -> bool:
+        return self.status != 'no face'
+
+
+def thumbnail(pixels: np.ndarray) -> np.ndarray:
+    """[h, w, 3] uint8 -> [32, 32] grey in [0, 1], for telling shots apart."""
+    return np.asarray(Image.fromarray(pixels).convert('L').resize((32, 32), Image.BILINEAR), np.float32) / 255
+
+
+def face_box(points: np.ndarray) -> tuple:
+    """Landmarks [68, 2] -> (centre [2], size)."""
+    low, high = points.min(0), points.max(0)
+    return (low + high) / 2, float((high - low).max())
+
+
+def follow(faces: list, previous: np.ndarray) -> np.ndarray:
+    """The face among ``faces`` ([68, 2] each) that is the person of ``previous`` (or, with none
+    before, the largest); None when that person is not among them."""
+    if not faces:
+        return None
+    if previous is None:
+        return max(faces, key=lambda face: face_box(face)[1])
+    centre, size = face_box(previous)
+    scored = []
+    for face in faces:
+        other_centre, other_size = face_box(face)
+        distance = float(np.linalg.norm(other_centre - centre)) / size
+        ratio = max(other_size / size, size / other_size)
+        if distance < FOLLOW_DISTANCE and ratio < FOLLOW_SIZE_RATIO:
+            scored.append((distance, face))
+    return min(scored, key=lambda item: item[0])[1] if scored else None
+
+
+def square_windows(width: int, height: int) -> list:
+    """Overlapping square windows (x0, y0, side) over a frame: MediaPipe's face detector sees the
+    whole picture at 128 px, where a face small in a wide frame is lost; in a square of the
+    frame's shorter side it is not."""
+    side = min(width, height)
+    starts = lambda length: sorted({*range(0, length - side + 1, max(side // 2, 1)), length - side})
+    return [(x, y, side) for x in starts(width) for y in starts(height)]
+
+
+def find_faces(detector, pixels: np.ndarray, previous: np.ndarray) -> list:
+    """Landmarks [68, 2] (frame pixels) of the faces in a frame [h, w, 3] uint8: first in a square
+    around the last face seen (``previous``), then in the whole frame, then in square windows."""
+    height, width = pixels.shape[:2]
+    windows = []
+    if previous is not None:
+        centre, size = face_box(previous)
+        side = int(min(max(2.5 * size, 64), width, height))
+        x0, y0 = (np.clip(centre - side / 2, 0, [width - side, height - side])).astype(int)
+        windows.append((x0, y0, side))
+    windows.append((0, 0, 0))  # the whole frame
+    windows += square_windows(width, height) if width != height else []
+    for x0, y0, side in windows:
+        crop = pixels if side == 0 else np.ascontiguousarray(pixels[y0:y0 + side, x0:x0 + side])
+        faces = [face + [x0, y0] for face in detector.detect_all(crop)]
+        if faces:
+            return faces
+    return []
+
+
+def sharpness(pixels: np.ndarray, points: np.ndarray) -> float:
+    """Variance of the Laplacian of the face's box (grey): blurred frames score low."""
+    low = np.maximum(np.floor(points.min(0)).astype(int), 0)
+    high = np.minimum(np.ceil(points.max(0)).astype(int), [pixels.shape[1], pixels.shape[0]])
+    grey = pixels[low[1]:high[1], low[0]:high[0]].astype(np.float32).mean(-1)
+    if min(grey.shape) < 3:
+        return 0.0
+    laplacian = grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4 * grey[1:-1, 1:-1]
+    return float(laplacian.var())
+
+
+def frontality(points: np.ndarray) -> float:
+    """1 when the nose tip (iBUG 30) is midway between the outer eye corners (36, 45), falling
+    as the head turns away."""
+    between = (points[36] + points[45]) / 2
+    eyes = float(np.linalg.norm(points[45] - points[36]))
+    return max(0.0, 1.0 - 2 * abs(float(points[30, 0] - between[0])) / max(eyes, 1e-6))
+
+
+def detect(clip: Clip, detector, progress=None) -> list:
+    """Pass 1 over the clip: the tracked person's landmarks in every frame, shot cuts, frames
+    without a face -> [FrameTrack] (landmarks only)."""
+    tracks, previous, last_thumbnail = [], None, None
+    differences = collections.deque(maxlen=CUT_HISTORY)
+    for frame in clip.frames():
+        start = time.perf_counter()
+        small = thumbnail(frame.pixels)
+        cut = False
+        if last_thumbnail is not None:
+            difference = float(np.abs(small - last_thumbnail).mean())
+            typical = float(np.median(differences)) if differences else 0.0
+            cut = difference > max(CUT_THRESHOLD, CUT_RATIO * typical)
+            differences.append(difference)
+        last_thumbnail = small
+        if cut:
+            previous = None
+        faces = find_faces(detector, frame.pixels, previous)
+        points = follow(faces, previous)
+        if points is None:
+            tracks.append(FrameTrack(frame.index, frame.time, 'no face'))
+            previous = None if not faces else previous  # somebody else in view: keep looking for our person
+        else:
+            status = 'cut' if cut else 'fitted'
+            tracks.append(FrameTrack(frame.index, frame.time, status, points, sharpness(frame.pixels, points),
+                                     frontality(points)))
+            previous = points
+        tracks[-1].seconds['detect'] = time.perf_counter() - start
+        if progress is not None:
+            progress.update(1)
+    return tracks
+
+
+def choose_keyframes(tracks: list, count: int = KEYFRAMES) -> list:
+    """Frame indices of up to ``count`` keyframes: in each of ``count`` equal stretches of the
+    frames with a face, the one that is sharpest and most frontal."""
+    found = [track for track in tracks if track.found]
+    if not found:
+        return []
+    top = max(track.sharpness for track in found) or 1.0
+    keyframes = []
+    for stretch in np.array_split(np.arange(len(found)), min(count, len(found))):
+        best = max((found[k] for k in stretch), key=lambda track: track.frontal * (0.5 + 0.5 * track.sharpness / top))
+        keyframes.append(best.index)
+    return keyframes
+
+
+def track(tracks: list, model: MorphableModel, identity: torch.Tensor, focal: float, size: tuple,
+          config: Config, progress=None) -> None:
+    """Pass 2: each frame's pose and expression from its landmarks, the clip's ``identity``
+    [n_shape] and ``focal`` (frame pixels), started from the previous frame's solution and held
+    to it by the temporal prior; a cut or a frame after one without a face starts afresh."""
+    fit_config = config.replace(optimizeFocalLength=False, camFocalLength=focal)
+    focal_tensor = torch.tensor([focal], dtype=torch.float64)
+    previous = None
+    mean_points = model.mean_shape[model.landmark_vertices.clamp_min(0)].numpy()
+    for frame in tracks:
+        if not frame.found:
+            previous = None
+            if progress is not None:
+                progress.update(1)
+            continue
+        start = time.perf_counter()
+        targets = fitting.Targets.of_landmarks(model, frame.landmarks[None], [size])
+        problem = fitting.LandmarkProblem(model, targets, fit_config, identity=identity)
+        if previous is None or frame.status == 'cut':
+            usable = targets.landmark_usable[0].numpy()
+            rotation, translation = fitting.initial_pose(
+                mean_points[usable], (targets.landmarks - targets.centres[:, None])[0].numpy()[usable], focal)
+            x0 = problem.pack(rotation=torch.tensor(rotation)[None], translation=torch.tensor(translation)[None],
+                              expression=torch.zeros(problem.sizes['expression'], dtype=torch.float64),
+                              log_focal=torch.zeros(0, dtype=torch.float64))
+            anchor = None
+            iterations = 4 * TRACK_ITERATIONS  # a fresh start has further to go
+        else:
+            x0 = anchor = previous
+            iterations = TRACK_ITERATIONS
+        weights = problem.pack(**{key: torch.full(size_, 1 / TEMPORAL_SIGMA[key] ** 2, dtype=torch.float64)
+                                  for key, size_ in problem.sizes.items()})
+        lower, upper = problem.bounds()
+        x, _ = fitting.levenberg_marquardt(lambda v: problem.residuals(v, focal_tensor, anchor, weights), x0,
+                                           iterations, lower=lower, upper=upper)
+        p = problem.unpack(x)
+        frame.rotation, frame.translation = p['rotation'][0].numpy(), p['translation'][0].numpy()
+        frame.expression = p['expression'][0].numpy()
+        frame.fitted_landmarks = problem.landmark_pixels(p, focal_tensor)[0].detach().numpy()
+        frame.seconds['track'] = time.perf_counter() - start
+        previous = x.detach()
+        if progress is not None:
+            progress.update(1)
+
+
+def head_angles(rotation: np.ndarray) -> tuple:
+    """Axis-angle [3] (model to camera, our y-down camera frame) -> (yaw, pitch, roll) in radians
+    in a y-up frame: yaw about the vertical axis, pitch about the ear-to-ear axis, roll about the
+    line of sight; all 0 for a face looking into the camera."""
+    matrix = rotation_matrix(torch.tensor(rotation, dtype=torch.float64)[None])[0].numpy()
+    flip = np.diag([1.0, -1.0, -1.0])
+    r = flip @ matrix @ flip
+    return (math.atan2(r[0, 2], r[2, 2]), math.asin(max(-1.0, min(1.0, -r[1, 2]))), math.atan2(r[1, 0], r[1, 1]))
