@@ -14,6 +14,9 @@ from photos import IMAGE_EXTENSIONS, InputError
 VIDEO_EXTENSIONS = ('.mp4', '.mov', '.avi', '.mkv', '.webm', '.m4v')
 # A folder of numbered frames is played at this rate unless the config says otherwise.
 DEFAULT_FOLDER_FPS = 30.0
+# A clip that ends before this share of the frames its header announces is truncated (the
+# announced count is estimated from the duration, and may be a frame or two off).
+TRUNCATED_SHARE = 0.95
 
 
 def is_video(path: str) -> bool:
@@ -81,6 +84,10 @@ class Clip:
                     index += 1
         except (av.error.FFmpegError, ValueError) as error:
             self.damage = f'the video cannot be decoded after frame {index - 1} ({error})'
+            return
+        if self.frame_count and index < TRUNCATED_SHARE * self.frame_count:
+            self.damage = (f'the video ends after {index} of the {self.frame_count} frames its header announces: '
+                           f'it is truncated')
 
 
 class VideoWriter:

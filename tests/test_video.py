@@ -1,0 +1,146 @@
+"""Video: a clip made by the test (a photo turning in the image plane by a known angle, blank
+frames, a cut to another person) tracked through the command line; a damaged clip; the CSV."""
+import csv
+import json
+import math
+import os
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+import optimizer
+import tracking
+import video
+from conftest import SHARED
+
+BACKGROUND = (40, 60, 80)
+BLANK, CUT, FRAMES = range(20, 24), 45, 60
+
+
+def roll_truth(k: int) -> float:
+    """The known in-plane turn (degrees, counter-clockwise on screen) of frame k."""
+    return 12 * math.sin(2 * math.pi * k / 30)
+
+
+def make_clip(path: str, frames: int = FRAMES) -> None:
+    """640x360 at 25 fps: the astronaut turning and moving (frames 0-44, blank at 20-23), then a
+    cut to another person."""
+    import skimage.data
+    first = Image.fromarray(skimage.data.astronaut()).resize((360, 360))
+    second = Image.open(os.path.join(SHARED, 'photos', 'obama.jpg')).convert('RGB')
+    second = second.resize((360, round(360 * second.height / second.width))).crop((0, 0, 360, 360))
+    with video.VideoWriter(path, 25, 640, 360) as out:
+        for k in range(frames):
+            canvas = Image.new('RGB', (640, 360), BACKGROUND)
+            if k < CUT and k not in BLANK:
+                canvas.paste(first.rotate(roll_truth(k), resample=Image.BICUBIC, fillcolor=BACKGROUND), (140 + 2 * k, 0))
+            elif k >= CUT:
+                canvas.paste(second, (140, 0))
+            out.write(np.asarray(canvas))
+
+
+@pytest.fixture(scope='module')
+def tracked(ict_folder, tmp_path_factory):
+    if not os.path.isfile(os.path.join(SHARED, 'photos', 'obama.jpg')):
+        pytest.skip('../shared/photos is not here')
+    folder = tmp_path_factory.mktemp('clip')
+    make_clip(str(folder / 'clip.mp4'))
+    status = optimizer.main(['--input', str(folder / 'clip.mp4'), '--output', str(folder / 'out'),
+                             '--set', 'model=ict', '--set', f'path={ict_folder}', '--iterations', '30', '5', '0',
+                             '--set', 'rtSamples=8', '--set', 'textureResolution=256', '--maxResolution', '128'])
+    assert status == 0
+    return folder
+
+
+def test_a_clip_is_tracked_through_blank_frames_and_a_cut(tracked):
+    record = json.loads((tracked / 'out' / 'tracking.json').read_text())
+    frames = record['frames']
+    assert [f['index'] for f in frames] == list(range(FRAMES)) and record['fps'] == 25
+    assert (record['width'], record['height']) == (640, 360) and len(record['identity']) == 100
+    statuses = ''.join({'fitted': '.', 'no face': '_', 'cut': '|'}[f['status']] for f in frames)
+    print(f'statuses: {statuses}')
+    assert all(frames[k]['status'] == 'no face' and frames[k]['rotation'] is None for k in BLANK)
+    assert frames[BLANK[-1] + 1]['status'] == 'cut' and frames[CUT]['status'] == 'cut'
+    assert sum(f['status'] != 'no face' for f in frames) == FRAMES - len(BLANK)
+    assert len(record['keyframes']) == tracking.KEYFRAMES
+    weights = np.array([f['expression'] for f in frames if f['expression'] is not None])
+    assert weights.shape[1] == 53 and weights.min() >= 0 and weights.max() <= 1
+    # the head's roll follows the known turn
+    fitted = np.array([math.degrees(tracking.head_angles(np.array(f['rotation']))[2]) for f in frames[:CUT]
+                       if f['rotation'] is not None])
+    truth = np.array([roll_truth(k) for k in range(CUT) if k not in BLANK])
+    correlation = np.corrcoef(fitted, truth)[0, 1]
+    print(f'head roll: correlation {correlation:.3f} with the truth, rms error {np.sqrt(np.mean((fitted - truth) ** 2)):.2f}°')
+    assert correlation >= 0.9
+    # the fitted landmarks lie on the detected face: within a few pixels of the photo's own
+    assert all(len(f['landmarks']) == 68 for f in frames if f['landmarks'] is not None)
+
+
+def test_arkit_csv_has_live_link_faces_layout(tracked):
+    with open(tracked / 'out' / 'arkit.csv', newline='') as file:
+        rows = list(csv.reader(file))
+    header = rows[0]
+    assert header[:2] == ['Timecode', 'BlendShapeCount'] and len(header) == 2 + 61
+    assert header[2:54] == list(video.ARKIT_BLENDSHAPES) and header[54:57] == ['HeadYaw', 'HeadPitch', 'HeadRoll']
+    assert len(rows) == 1 + FRAMES
+    assert rows[1][0] == '00:00:00:00.000' and rows[26][0] == '00:00:01:00.000' and rows[2][1] == '61'
+    values = np.array([[float(v) for v in row[2:]] for row in rows[1:]])
+    assert values[:, :52].min() >= 0 and values[:, :52].max() <= 1
+    assert np.all(values[:, 52 + 2][list(BLANK)] == values[:, 52 + 2][BLANK[0] - 1])  # held through the blank frames
+
+
+def test_overlay_video_has_every_frame(tracked):
+    with av.open(str(tracked / 'out' / 'overlay.mp4')) as container:
+        frames = [frame.to_ndarray(format='rgb24') for frame in container.decode(video=0)]
+    assert len(frames) == FRAMES and frames[0].shape == (360, 640, 3)
+    # a tracked frame has the red landmarks drawn, a blank one is left as it was
+    red = lambda image: int(((image[..., 0] > 200) & (image[..., 1] < 90)).sum())
+    assert red(frames[5]) > 100 and red(frames[BLANK[0]]) == 0
+
+
+def test_a_damaged_clip_keeps_the_frames_before_the_damage(tracked, ict_folder, tmp_path, capsys):
+    """A Matroska clip cut short: the frames before the cut are tracked, the damage is said."""
+    make_clip(str(tmp_path / 'clip.mkv'), frames=30)
+    data = (tmp_path / 'clip.mkv').read_bytes()
+    (tmp_path / 'cut.mkv').write_bytes(data[:int(len(data) * 0.6)])
+    status = optimizer.main(['--input', str(tmp_path / 'cut.mkv'), '--output', str(tmp_path / 'out'),
+                             '--set', 'model=ict', '--set', f'path={ict_folder}', '--iterations', '20', '0', '0',
+                             '--set', 'textureResolution=256', '--maxResolution', '96'])
+    out = capsys.readouterr().out
+    frames = json.loads((tmp_path / 'out' / 'tracking.json').read_text())['frames']
+    print(f'{len(frames)} of 30 frames before the damage')
+    assert status == 0 and 10 <= len(frames) < 30, out
+    assert 'warning:' in out and 'frames before it are tracked' in out
+
+
+@pytest.mark.parametrize('content, message', [(b'not a video at all', 'not a readable video'), (b'', 'not a readable video')])
+def test_a_file_that_is_no_video_is_refused(content, message, tmp_path, capsys):
+    (tmp_path / 'clip.mp4').write_bytes(content)
+    status = optimizer.main(['--input', str(tmp_path / 'clip.mp4'), '--output', str(tmp_path / 'out')])
+    text = capsys.readouterr()
+    assert status == 2 and message in text.err and 'Traceback' not in text.err + text.out
+
+
+def test_a_folder_of_numbered_frames(ict_folder, tmp_path, capsys):
+    make_clip(str(tmp_path / 'clip.mkv'), frames=6)
+    folder = tmp_path / 'frames'
+    folder.mkdir()
+    with av.open(str(tmp_path / 'clip.mkv')) as container:
+        for k, frame in enumerate(container.decode(video=0)):
+            frame.to_image().save(folder / f'frame_{k + 1:04d}.png')
+    status = optimizer.main(['--input', str(folder), '--video', '--fps', '12', '--output', str(tmp_path / 'out'),
+                             '--set', 'model=ict', '--set', f'path={ict_folder}', '--iterations', '20', '0', '0',
+                             '--set', 'textureResolution=256', '--maxResolution', '96'])
+    record = json.loads((tmp_path / 'out' / 'tracking.json').read_text())
+    assert status == 0 and record['fps'] == 12 and len(record['frames']) == 6
+    assert record['frames'][3]['time'] == pytest.approx(0.25)
+
+
+def test_arkit_names_of_ict_blendshapes():
+    assert video.arkit_name('eyeBlink_L') == 'EyeBlinkLeft' and video.arkit_name('jawOpen') == 'JawOpen'
+    assert video.arkit_name('browInnerUp_R') == 'BrowInnerUp' and video.arkit_name('cheekPuff_L') == 'CheekPuff'
+    matrix = video.arkit_matrix(('browInnerUp_L', 'browInnerUp_R', 'jawOpen'))
+    assert matrix[video.ARKIT_BLENDSHAPES.index('BrowInnerUp')].tolist() == [0.5, 0.5, 0.0]
+    assert video.timecode(61.5, 30) == '00:01:01:15.000'
