@@ -149,8 +149,8 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
               for frame in clip.frames() if frame.index in keyframes]
     print(f'keyframes (frames {", ".join(map(str, keyframes))}): one identity for the clip')
     digest = checkpoints.file_digest(clip.path) if os.path.isfile(clip.path) else clip.path
-    params = fit_group(model, images, config, True, os.path.join(args.output, 'keyframes'),
-                       checkpoints.batch_key([f'{digest}:{index}' for index in keyframes]), args.resume)
+    params, pipeline = fit_group(model, images, config, True, os.path.join(args.output, 'keyframes'),
+                                 checkpoints.batch_key([f'{digest}:{index}' for index in keyframes]), args.resume)
     focal = float(np.median([float(params.focal[row]) / image.scale for row, image in enumerate(images)]))
     identity, size = params.identity[0], (clip.width, clip.height)
     with tqdm(total=len(tracks), desc='tracking', unit='frame', disable=quiet) as progress:
@@ -163,13 +163,34 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
         **({'arkit.csv': lambda: results.write_arkit_csv(os.path.join(args.output, 'arkit.csv'), tracks, clip.fps,
                                                          model.expression_names)} if model.expression_bounds else {}),
         'overlay.mp4': lambda: write_overlay(os.path.join(args.output, 'overlay.mp4'), clip, tracks, model, identity,
-                                             focal)})
+                                             focal),
+        'head.glb': lambda: write_animated_head(os.path.join(args.output, 'head.glb'), pipeline, params, tracks, focal,
+                                                size)})
     counts = {status: sum(t.status == status for t in tracks) for status in ('fitted', 'cut', 'no face')}
     seconds = {stage: sum(t.seconds.get(stage, 0.0) for t in tracks) for stage in ('detect', 'track')}
     print(f'done: {len(tracks)} frames: {counts["fitted"] + counts["cut"]} tracked ({counts["cut"]} after a cut), '
           f'{counts["no face"]} without a face; finding the face {len(tracks) / max(seconds["detect"], 1e-9):.1f} '
           f'fps, tracking {len(tracks) / max(seconds["track"], 1e-9):.1f} fps; results in {os.path.abspath(args.output)}')
     return 0
+
+
+def write_animated_head(path: str, pipeline: Pipeline, params: SceneParameters, tracks: list, focal: float,
+                        size: tuple) -> None:
+    """``head.glb`` of a clip: the identity's whole head, its skin from the keyframes' fit, the
+    expression shapes as morph targets animated with the head's pose over the clip's timeline,
+    the clip's camera (``focal`` in pixels of a frame of ``size``)."""
+    model, mesh = pipeline.model, pipeline.model.export_mesh()
+    skin = textures.skin_textures(*(t.numpy() for t in pipeline.export_maps(params, 0)), pipeline.export_mask,
+                                  mesh.whole_head)
+    with torch.no_grad():
+        neutral = mesh.vertices(params.identity[:1], torch.zeros(1, model.n_expression))[0].numpy()
+    centre = results.head_centre(neutral, model.landmark_vertices.numpy(), mesh.whole_head)
+    tracked = [t for t in tracks if t.expression is not None]
+    rotations = rotation_matrix(torch.tensor(np.stack([t.rotation for t in tracked]), dtype=torch.float64)).numpy()
+    motion = results.HeadMotion(times=np.array([t.time for t in tracked]), rotations=rotations,
+                                translations=np.stack([t.translation for t in tracked]),
+                                weights=np.stack([t.expression for t in tracked]), names=model.expression_names)
+    results.write_glb(path, mesh, neutral, centre, rotations[0], motion.translations[0], focal, size, skin, motion)
 
 
 def write_overlay(path: str, clip: video.Clip, tracks: list, model: MorphableModel, identity: torch.Tensor,
@@ -191,10 +212,10 @@ def write_overlay(path: str, clip: video.Clip, tracks: list, model: MorphableMod
 
 
 def fit_group(model: MorphableModel, images: list[FitImage], config: Config, shared_identity: bool,
-              output: str, checkpoint_key: str, resume: bool) -> SceneParameters:
+              output: str, checkpoint_key: str, resume: bool) -> tuple:
     """Every stage on ``images`` (one image, or all of them with a shared identity) from
-    wherever its checkpoints stand, a checkpoint after each stage, then the results -> the
-    fitted parameters."""
+    wherever its checkpoints stand, a checkpoint after each stage, then the results -> (the
+    fitted parameters, the pipeline that made them)."""
     targets = fitting.Targets.of(model, images)
     pipeline = Pipeline(model, config, targets.sizes)
     params = checkpoints.load_checkpoint(output, checkpoint_key, last_stage(config), model, len(images),
@@ -211,7 +232,7 @@ def fit_group(model: MorphableModel, images: list[FitImage], config: Config, sha
         params, _ = fitting.fit_stage3(pipeline, params, targets, debug_writer(output, pipeline, images, 3))
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)
     write_results(output, pipeline, params, images, targets)
-    return params
+    return params, pipeline
 
 
 def finish_stage(output: str, checkpoint_key: str, pipeline: Pipeline, params: SceneParameters,

@@ -8,11 +8,13 @@ computes nothing of the fit again. Every file is written atomically (see ``utils
 import io
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pygltflib
 import torch
 from PIL import Image, ImageDraw
+from scipy.spatial.transform import Rotation
 
 import tracking
 import utils
@@ -301,15 +303,18 @@ class GlbBuilder:
         self.blob.extend(data)
         return len(self.gltf.bufferViews) - 1
 
-    def accessor(self, array: np.ndarray, with_bounds: bool = False) -> int:
-        """float32 [k, 2|3] vertex attributes or uint32 [k] indices -> accessor index."""
-        indices = array.ndim == 1
+    def accessor(self, array: np.ndarray, with_bounds: bool = False, vertex_data: bool = True) -> int:
+        """Vertex attributes float [k, 2|3], indices int [k], or (``vertex_data`` False: animation
+        keys) floats [k] or [k, 3|4] -> accessor index."""
+        indices = array.ndim == 1 and np.issubdtype(array.dtype, np.integer)
         array = np.ascontiguousarray(array, np.uint32 if indices else np.float32)
-        view = self.view(array.tobytes(), pygltflib.ELEMENT_ARRAY_BUFFER if indices else pygltflib.ARRAY_BUFFER)
-        bounds = dict(min=array.min(0).tolist(), max=array.max(0).tolist()) if with_bounds else {}
+        target = (pygltflib.ELEMENT_ARRAY_BUFFER if indices else pygltflib.ARRAY_BUFFER) if vertex_data else None
+        view = self.view(array.tobytes(), target)
+        bounds = dict(min=np.atleast_1d(array.min(0)).tolist(), max=np.atleast_1d(array.max(0)).tolist()) \
+            if with_bounds else {}
         self.gltf.accessors.append(pygltflib.Accessor(
             bufferView=view, componentType=pygltflib.UNSIGNED_INT if indices else pygltflib.FLOAT,
-            count=len(array), type=pygltflib.SCALAR if indices else f'VEC{array.shape[1]}', **bounds))
+            count=len(array), type=pygltflib.SCALAR if array.ndim == 1 else f'VEC{array.shape[1]}', **bounds))
         return len(self.gltf.accessors) - 1
 
     def texture(self, image: np.ndarray, name: str) -> pygltflib.TextureInfo:
@@ -362,11 +367,32 @@ def skin_materials(builder: GlbBuilder, skin: SkinTextures, textured: bool) -> t
     return face, back
 
 
+@dataclass
+class HeadMotion:
+    """A clip's head over time, for an animated glb: the camera stays where it is, the head moves."""
+    times: np.ndarray         # [k] seconds of the tracked frames
+    rotations: np.ndarray     # [k, 3, 3] model -> camera
+    translations: np.ndarray  # [k, 3] mm
+    weights: np.ndarray       # [k, n_expr] blendshape weights
+    names: tuple              # [n_expr] blendshape names
+
+
+def head_pose_in_gltf(rotation: np.ndarray, translation: np.ndarray, centre: np.ndarray) -> tuple:
+    """The head node's (quaternion x, y, z, w [4], translation [3] m) in the glTF frame of the
+    camera, for the pose X_cam = R X + t of a head exported about ``centre``."""
+    flip = np.diag(TO_GLTF)
+    quaternion = Rotation.from_matrix(flip @ rotation @ flip).as_quat()
+    return quaternion, MM_TO_M * flip @ (rotation @ centre + translation)
+
+
 def write_glb(path: str, mesh: HeadMesh, vertices: np.ndarray, centre: np.ndarray, rotation: np.ndarray,
-              translation: np.ndarray, focal: float, size: tuple, skin: SkinTextures) -> None:
-    """``head{i}.glb``: the head (``mesh``'s triangles, ``vertices`` [verts, 3] model frame, mm)
-    in glTF's frame about ``centre`` [3], one material per part, and the fitted camera (pose
-    [3, 3], [3], focal px, fitted image ``size`` (w, h)) as a camera node."""
+              translation: np.ndarray, focal: float, size: tuple, skin: SkinTextures, motion: HeadMotion = None) -> None:
+    """``head{i}.glb`` of a photo, or ``head.glb`` of a clip: the head (``mesh``'s triangles,
+    ``vertices`` [verts, 3] model frame, mm) in glTF's frame about ``centre`` [3], one material per
+    part, and the camera (focal px, image ``size`` (w, h)) as a camera node. A photo's head stands
+    at the origin and the camera where the photo was taken from (the head's pose [3, 3], [3]); a
+    clip's camera stands at the origin and the head moves (``motion``: the expression shapes as
+    morph targets, one animation of the head's pose and their weights, from the pose given)."""
     faces, uv_faces, parts = mesh.faces.numpy(), mesh.uv_faces.numpy(), mesh.parts.numpy()
     keep = ~np.isin(parts, [HEAD_PARTS.index(name) for name in LEFT_OUT_PARTS])
     faces, uv_faces, parts = faces[keep], uv_faces[keep], parts[keep]
@@ -382,6 +408,9 @@ def write_glb(path: str, mesh: HeadMesh, vertices: np.ndarray, centre: np.ndarra
         POSITION=builder.accessor(MM_TO_M * (vertices[source] - centre) * TO_GLTF, with_bounds=True),
         NORMAL=builder.accessor(normals[source] * TO_GLTF),
         TEXCOORD_0=builder.accessor(uvs) if textured else None)
+    targets = [] if motion is None else [
+        pygltflib.Attributes(POSITION=builder.accessor(MM_TO_M * shape.numpy()[source] * TO_GLTF, with_bounds=True))
+        for shape in mesh.expression_basis]
     face_material, back_material = skin_materials(builder, skin, textured)
     materials = {'face': face_material, 'back_of_head': back_material}
     primitives = []
@@ -391,22 +420,45 @@ def write_glb(path: str, mesh: HeadMesh, vertices: np.ndarray, centre: np.ndarra
             colour, roughness = PART_MATERIALS[name]
             materials[name] = builder.material(name, colour, roughness, double_sided=name == 'eyelashes')
         # glTF winds front faces counter-clockwise; the half turn keeps the model's orientation
-        primitives.append(pygltflib.Primitive(attributes=attributes, material=materials[name],
+        primitives.append(pygltflib.Primitive(attributes=attributes, material=materials[name], targets=targets,
                                               indices=builder.accessor(triangles[parts == part].reshape(-1))))
     width, height = size
     gltf = builder.gltf
-    gltf.meshes = [pygltflib.Mesh(name='head', primitives=primitives,
+    gltf.meshes = [pygltflib.Mesh(name='head', primitives=primitives, weights=[0.0] * len(targets) or None,
                                   extras=dict(modelVertices=int(len(vertices)),
-                                              seamCopiesOf=source[len(vertices):].tolist()))]
+                                              seamCopiesOf=source[len(vertices):].tolist(),
+                                              **({'targetNames': list(motion.names)} if motion else {})))]
     gltf.cameras = [pygltflib.Camera(name='photo', type='perspective', perspective=pygltflib.Perspective(
         yfov=float(2 * np.arctan(height / 2 / focal)), aspectRatio=width / height, znear=0.01, zfar=100.0),
         extras=dict(focalPixels=float(focal), width=int(width), height=int(height)))]
-    gltf.nodes = [pygltflib.Node(name='head', mesh=0),
-                  pygltflib.Node(name='photo camera', camera=0,
-                                 matrix=camera_pose_in_gltf(rotation, translation, centre).T.reshape(-1).tolist())]
+    if motion is None:
+        gltf.nodes = [pygltflib.Node(name='head', mesh=0),
+                      pygltflib.Node(name='photo camera', camera=0,
+                                     matrix=camera_pose_in_gltf(rotation, translation, centre).T.reshape(-1).tolist())]
+    else:
+        quaternion, offset = head_pose_in_gltf(rotation, translation, centre)
+        gltf.nodes = [pygltflib.Node(name='head', mesh=0, rotation=quaternion.tolist(), translation=offset.tolist()),
+                      pygltflib.Node(name='clip camera', camera=0)]
+        add_animation(builder, motion, centre)
     gltf.scenes = [pygltflib.Scene(name='fit', nodes=[0, 1])]
     gltf.scene = 0
     builder.save(path)
+
+
+def add_animation(builder: GlbBuilder, motion: HeadMotion, centre: np.ndarray) -> None:
+    """One animation 'clip' of node 0 (the head): its rotation and translation and its morph
+    weights at the tracked frames' times, linearly interpolated between."""
+    poses = [head_pose_in_gltf(r, t, centre) for r, t in zip(motion.rotations, motion.translations)]
+    times = builder.accessor(np.asarray(motion.times, np.float32), with_bounds=True, vertex_data=False)
+    outputs = dict(rotation=np.stack([q for q, _ in poses]), translation=np.stack([o for _, o in poses]),
+                   weights=np.asarray(motion.weights, np.float32).reshape(-1))
+    samplers, channels = [], []
+    for path, values in outputs.items():
+        samplers.append(pygltflib.AnimationSampler(input=times, interpolation='LINEAR',
+                                                   output=builder.accessor(values, vertex_data=False)))
+        channels.append(pygltflib.AnimationChannel(sampler=len(samplers) - 1,
+                                                   target=pygltflib.AnimationChannelTarget(node=0, path=path)))
+    builder.gltf.animations = [pygltflib.Animation(name='clip', samplers=samplers, channels=channels)]
 
 
 # ----------------------------------------------------------------------------------- tracking

@@ -144,3 +144,49 @@ def test_arkit_names_of_ict_blendshapes():
     matrix = video.arkit_matrix(('browInnerUp_L', 'browInnerUp_R', 'jawOpen'))
     assert matrix[video.ARKIT_BLENDSHAPES.index('BrowInnerUp')].tolist() == [0.5, 0.5, 0.0]
     assert video.timecode(61.5, 30) == '00:01:01:15.000'
+
+
+def test_the_animated_head_plays_the_clip(tracked, ict_folder):
+    """head.glb read back with pygltflib: the 53 expression shapes as named morph targets, one
+    animation of the head's pose and their weights at the tracked frames; posing the glb's
+    landmark vertices at a frame's keys and looking through its camera gives that frame's
+    fitted landmarks."""
+    import morphableModel
+    import pygltflib
+    from scipy.spatial.transform import Rotation
+    document = pygltflib.GLTF2().load(str(tracked / 'out' / 'head.glb'))
+    record = json.loads((tracked / 'out' / 'tracking.json').read_text())
+    blob = document.binary_blob()
+
+    def read(index: int) -> np.ndarray:
+        accessor = document.accessors[index]
+        view = document.bufferViews[accessor.bufferView]
+        width = {'SCALAR': 1, 'VEC3': 3, 'VEC4': 4}[accessor.type]
+        data = np.frombuffer(blob, np.float32, accessor.count * width, view.byteOffset + (accessor.byteOffset or 0))
+        return data.reshape(accessor.count, width) if width > 1 else data
+    mesh = document.meshes[0]
+    model = morphableModel.load_ict(ict_folder)
+    assert mesh.extras['targetNames'] == list(model.expression_names) and len(mesh.primitives[0].targets) == 53
+    animation = document.animations[0]
+    paths = {channel.target.path: animation.samplers[channel.sampler] for channel in animation.channels}
+    assert set(paths) == {'rotation', 'translation', 'weights'}
+    tracked_frames = [f for f in record['frames'] if f['expression'] is not None]
+    times = read(paths['weights'].input)
+    assert np.allclose(times, [f['time'] for f in tracked_frames], atol=1e-5)
+    weights = read(paths['weights'].output).reshape(len(times), 53)
+    k = 30  # a frame of the first shot, turned
+    frame = tracked_frames[k]
+    assert np.allclose(weights[k], frame['expression'], atol=1e-5)
+    lm = model.landmark_vertices.numpy()
+    base = read(mesh.primitives[0].attributes.POSITION)[lm]
+    shapes = np.stack([read(target['POSITION'])[lm] for target in mesh.primitives[0].targets])  # [53, 68, 3]
+    posed = base + np.einsum('k,kvc->vc', weights[k], shapes)
+    rotation = Rotation.from_quat(read(paths['rotation'].output)[k]).as_matrix()
+    in_camera = posed @ rotation.T + read(paths['translation'].output)[k]  # the camera node is at the origin
+    camera = document.cameras[0].perspective
+    focal = record['height'] / 2 / math.tan(camera.yfov / 2)
+    pixels = np.stack([focal * in_camera[:, 0] / -in_camera[:, 2] + record['width'] / 2,
+                       -focal * in_camera[:, 1] / -in_camera[:, 2] + record['height'] / 2], axis=1)
+    error = np.abs(pixels - np.array(frame['landmarks'])).max()
+    print(f'animated glb at frame {frame["index"]}: landmarks within {error:.4f} px of the fit')
+    assert error < 0.5
