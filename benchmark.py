@@ -12,7 +12,9 @@ accuracy reached (landmark error in px, photometric error next to that of the tr
 vertex error in mm after rigid alignment). ``--profile`` prints where the time of stages 2 and
 3 goes instead of the accuracy; ``--cli`` times the whole command line (model loading, the
 three stages, all outputs) on the synthetic photo instead; ``--textures`` prints the time of
-stages 2 and 3 and of writing the outputs, and the peak memory, at 512, 1024 and 2048 texels.
+stages 2 and 3 and of writing the outputs, and the peak memory, at 512, 1024 and 2048 texels;
+``--video N ...`` the speed of finding and tracking the face in 640x360 clips of N frames, and
+the peak memory of each.
 """
 import argparse
 import cProfile
@@ -127,6 +129,35 @@ def compare_texture_resolutions(config, args, folder: str) -> None:
               flush=True)
 
 
+def video_run(clip_path: str, model_path: str) -> dict:
+    """In a process of its own: find the face in every frame of a clip and track its pose and
+    expression (ICT-FaceKit, the mean identity) -> frames, seconds of each pass, peak MB."""
+    import landmarks
+    import tracking
+    import video
+    model = morphableModel.load_ict(model_path)
+    clip = video.Clip(clip_path)
+    tracks, detect = timed(lambda: tracking.detect(clip, landmarks.MediapipeDetector()))
+    _, track = timed(lambda: tracking.track(tracks, model, torch.zeros(model.n_shape), 2.0 * clip.width,
+                                            (clip.width, clip.height), config_module.Config().replace(model='ict')))
+    return dict(frames=len(tracks), detect=detect, track=track,
+                peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def compare_clip_lengths(folder: str, model_path: str, lengths: tuple) -> None:
+    """Tracking speed and peak memory on 640x360 clips of several lengths (flat memory: the
+    same peak however long the clip)."""
+    photo = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'photos', 'obama.jpg')
+    print(f'{"frames":>7} {"finding fps":>12} {"tracking fps":>13} {"both fps":>9} {"peak MB":>8}')
+    for frames in lengths:
+        path = os.path.join(folder, f'clip{frames}.mp4')
+        synthetic.write_clip(path, frames, photo, cut=frames, blank=range(0))
+        with multiprocessing.get_context('spawn').Pool(1) as pool:
+            row = pool.apply(video_run, (path, model_path))
+        print(f'{row["frames"]:>7} {row["frames"] / row["detect"]:>12.1f} {row["frames"] / row["track"]:>13.1f} '
+              f'{row["frames"] / (row["detect"] + row["track"]):>9.1f} {row["peak"]:>8.0f}', flush=True)
+
+
 def print_profile(profile: cProfile.Profile, stages_seconds: float) -> None:
     """The functions that take the time of stages 2 and 3, by their own time."""
     stats = pstats.Stats(profile)
@@ -149,9 +180,17 @@ def main() -> None:
                         help='time the whole command line (optimizer.py) on the synthetic photo instead')
     parser.add_argument('--textures', action='store_true',
                         help='stages 2, 3, the outputs and peak memory at 512, 1024 and 2048 texels instead')
+    parser.add_argument('--video', type=int, nargs='+', metavar='FRAMES',
+                        help='instead: tracking speed and peak memory on 640x360 clips of these lengths '
+                             '(ICT-FaceKit from --ict)')
+    parser.add_argument('--ict', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'ICT-FaceKit'),
+                        help='the ICT-FaceKit folder for --video')
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix='benchmark-')
     os.environ.setdefault('FACE_MODEL_CACHE', os.path.join(folder, 'cache'))
+    if args.video:
+        compare_clip_lengths(folder, args.ict, tuple(args.video))
+        return
     with multiprocessing.get_context('spawn').Pool(1) as pool:
         association = pool.apply(write_model, (folder,))
     config = config_module.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'optimConfig.ini'))

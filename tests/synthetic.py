@@ -7,6 +7,7 @@ orthonormalised, so the files have the real schema: ``model/mean`` [3N] interlea
 ``representer/cells`` [3, T], ``metadata/landmarks/json``. Used by the tests and ``benchmark.py``.
 """
 import json
+import math
 import os
 
 import h5py
@@ -159,3 +160,34 @@ def synthetic_photo(model, truth, config, size: int, background: float):
     pixels = np.clip(results.composite(rendered, np.full((size, size, 3), background)), 0, 1).astype(np.float32)
     image = FitImage(0, 'synthetic', pixels, 1.0, landmarks)
     return image, pipeline, fitting.Targets.of(model, [image]), vertices[0]
+
+
+# A clip for the video tests and benchmark: 640x360 at 25 fps, the astronaut turning in the image
+# plane and moving right, blank frames, then a cut to another person.
+CLIP_BLANK, CLIP_CUT = range(20, 24), 45
+CLIP_BACKGROUND = (40, 60, 80)
+
+
+def clip_roll(k: int) -> float:
+    """The known in-plane turn (degrees, counter-clockwise on screen) of frame k."""
+    return 12 * math.sin(2 * math.pi * k / 30)
+
+
+def write_clip(path: str, frames: int, second_photo: str, cut: int = CLIP_CUT, blank: range = CLIP_BLANK) -> None:
+    """Write the clip to ``path`` (its container from the name); frames from ``cut`` on show
+    ``second_photo``, and the first shot repeats every 2 s in a long clip (its motion wraps)."""
+    import skimage.data
+    import video
+    from PIL import Image
+    first = Image.fromarray(skimage.data.astronaut()).resize((360, 360))
+    second = Image.open(second_photo).convert('RGB')
+    second = second.resize((360, round(360 * second.height / second.width))).crop((0, 0, 360, 360))
+    with video.VideoWriter(path, 25, 640, 360) as out:
+        for k in range(frames):
+            canvas = Image.new('RGB', (640, 360), CLIP_BACKGROUND)
+            if k < cut and k not in blank:
+                turned = first.rotate(clip_roll(k), resample=Image.BICUBIC, fillcolor=CLIP_BACKGROUND)
+                canvas.paste(turned, (140 + 2 * (k % 50), 0))
+            elif k >= cut:
+                canvas.paste(second, (140, 0))
+            out.write(np.asarray(canvas))

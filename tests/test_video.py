@@ -8,37 +8,19 @@ import os
 import av
 import numpy as np
 import pytest
-from PIL import Image
 
 import optimizer
+import synthetic
 import tracking
 import video
 from conftest import SHARED
 
-BACKGROUND = (40, 60, 80)
-BLANK, CUT, FRAMES = range(20, 24), 45, 60
-
-
-def roll_truth(k: int) -> float:
-    """The known in-plane turn (degrees, counter-clockwise on screen) of frame k."""
-    return 12 * math.sin(2 * math.pi * k / 30)
+BLANK, CUT, FRAMES = synthetic.CLIP_BLANK, synthetic.CLIP_CUT, 60
+roll_truth = synthetic.clip_roll
 
 
 def make_clip(path: str, frames: int = FRAMES) -> None:
-    """640x360 at 25 fps: the astronaut turning and moving (frames 0-44, blank at 20-23), then a
-    cut to another person."""
-    import skimage.data
-    first = Image.fromarray(skimage.data.astronaut()).resize((360, 360))
-    second = Image.open(os.path.join(SHARED, 'photos', 'obama.jpg')).convert('RGB')
-    second = second.resize((360, round(360 * second.height / second.width))).crop((0, 0, 360, 360))
-    with video.VideoWriter(path, 25, 640, 360) as out:
-        for k in range(frames):
-            canvas = Image.new('RGB', (640, 360), BACKGROUND)
-            if k < CUT and k not in BLANK:
-                canvas.paste(first.rotate(roll_truth(k), resample=Image.BICUBIC, fillcolor=BACKGROUND), (140 + 2 * k, 0))
-            elif k >= CUT:
-                canvas.paste(second, (140, 0))
-            out.write(np.asarray(canvas))
+    synthetic.write_clip(path, frames, os.path.join(SHARED, 'photos', 'obama.jpg'))
 
 
 @pytest.fixture(scope='module')
