@@ -132,12 +132,23 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
     """A clip: the person's landmarks in every frame, one identity (shape and reflectance) from
     keyframes, each frame's pose and expression -> ``tracking.json``, ``arkit.csv`` (blendshape
     models), ``overlay.mp4``, and the keyframes' fits in ``keyframes/``; -> exit status."""
+    fingerprint = checkpoints.config_fingerprint(config)
+    manifest = checkpoints.Manifest.load(args.output) if args.resume else checkpoints.Manifest(args.output, {}, {})
+    manifest.check_config(fingerprint)
+    manifest.save(fingerprint)
     model = morphableModel.load_model(config)
-    detector = landmarks_module.MediapipeDetector()
     print(f'{clip.path}: {clip.width}x{clip.height} px, {clip.fps:.3f} fps, {clip.frame_count or "unknown"} frames')
+    digest = checkpoints.file_digest(clip.path) if os.path.isfile(clip.path) else os.path.abspath(clip.path)
+    state = os.path.join(args.output, checkpoints.CHECKPOINT_FOLDER, f'clip-{digest[-16:]}.json')
     quiet = not sys.stderr.isatty()
-    with tqdm(total=clip.frame_count or None, desc='finding the face', unit='frame', disable=quiet) as progress:
-        tracks = tracking.detect(clip, detector, progress)
+    tracks = tracking.load_state(state) if args.resume else []
+    if tracks:
+        done = sum(t.expression is not None for t in tracks)
+        print(f'--resume: the face was found in this clip before; {done} of {len(tracks)} frames already tracked')
+    else:
+        with tqdm(total=clip.frame_count or None, desc='finding the face', unit='frame', disable=quiet) as progress:
+            tracks = tracking.detect(clip, landmarks_module.MediapipeDetector(), progress)
+        tracking.save_state(state, tracks)
     if clip.damage:
         print(f'warning: {clip.path}: {clip.damage}; the {len(tracks)} frames before it are tracked')
     keyframes = tracking.choose_keyframes(tracks)
@@ -148,13 +159,12 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
                                tracks[frame.index].landmarks, config, 'keyframe')
               for frame in clip.frames() if frame.index in keyframes]
     print(f'keyframes (frames {", ".join(map(str, keyframes))}): one identity for the clip')
-    digest = checkpoints.file_digest(clip.path) if os.path.isfile(clip.path) else clip.path
     params, pipeline = fit_group(model, images, config, True, os.path.join(args.output, 'keyframes'),
                                  checkpoints.batch_key([f'{digest}:{index}' for index in keyframes]), args.resume)
     focal = float(np.median([float(params.focal[row]) / image.scale for row, image in enumerate(images)]))
     identity, size = params.identity[0], (clip.width, clip.height)
     with tqdm(total=len(tracks), desc='tracking', unit='frame', disable=quiet) as progress:
-        tracking.track(tracks, model, identity, focal, size, config, progress)
+        tracking.track(tracks, model, identity, focal, size, config, progress, lambda: tracking.save_state(state, tracks))
     info = dict(source=os.path.abspath(clip.path), model=model.name, fps=clip.fps, width=clip.width,
                 height=clip.height, focal=focal, damage=clip.damage)
     results.write_all({
@@ -168,9 +178,10 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
                                                 size)})
     counts = {status: sum(t.status == status for t in tracks) for status in ('fitted', 'cut', 'no face')}
     seconds = {stage: sum(t.seconds.get(stage, 0.0) for t in tracks) for stage in ('detect', 'track')}
+    speeds = ''.join(f'; {what} {len(tracks) / seconds[stage]:.1f} fps' for stage, what in
+                     (('detect', 'finding the face'), ('track', 'tracking')) if seconds[stage] > 0)
     print(f'done: {len(tracks)} frames: {counts["fitted"] + counts["cut"]} tracked ({counts["cut"]} after a cut), '
-          f'{counts["no face"]} without a face; finding the face {len(tracks) / max(seconds["detect"], 1e-9):.1f} '
-          f'fps, tracking {len(tracks) / max(seconds["track"], 1e-9):.1f} fps; results in {os.path.abspath(args.output)}')
+          f'{counts["no face"]} without a face{speeds}; results in {os.path.abspath(args.output)}')
     return 0
 
 

@@ -6,6 +6,7 @@ Frame pixels are the clip's own; the camera's principal point is the frame's cen
 focal length (pixels of the frame) is one for the whole clip.
 """
 import collections
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 import fitting
+import utils
 from config import Config
 from morphableModel import MorphableModel
 from pipeline import rotation_matrix
@@ -31,6 +33,8 @@ FOLLOW_DISTANCE, FOLLOW_SIZE_RATIO = 0.7, 1.6
 KEYFRAMES = 6
 # Levenberg-Marquardt iterations per frame (it starts from the previous frame's solution).
 TRACK_ITERATIONS = 10
+# Tracked frames are saved (for --resume) at most this often, and when the run is interrupted.
+SAVE_SECONDS = 20.0
 # The temporal prior: how far a frame's pose and expression may move from the previous frame's at
 # the cost of one landmark's σ (radians, millimetres, blendshape weight or σ).
 TEMPORAL_SIGMA = dict(rotation=0.1, translation=15.0, expression=0.25, log_focal=1.0)
@@ -181,48 +185,88 @@ def choose_keyframes(tracks: list, count: int = KEYFRAMES) -> list:
 
 
 def track(tracks: list, model: MorphableModel, identity: torch.Tensor, focal: float, size: tuple,
-          config: Config, progress=None) -> None:
+          config: Config, progress=None, save=None) -> None:
     """Pass 2: each frame's pose and expression from its landmarks, the clip's ``identity``
     [n_shape] and ``focal`` (frame pixels), started from the previous frame's solution and held
-    to it by the temporal prior; a cut or a frame after one without a face starts afresh."""
+    to it by the temporal prior; a cut or a frame after one without a face starts afresh. Frames
+    tracked before (``--resume``) are kept. ``save()`` runs every SAVE_SECONDS, at the end, and
+    when the run is interrupted: every finished frame is kept."""
     fit_config = config.replace(optimizeFocalLength=False, camFocalLength=focal)
     focal_tensor = torch.tensor([focal], dtype=torch.float64)
-    previous = None
     mean_points = model.mean_shape[model.landmark_vertices.clamp_min(0)].numpy()
-    for frame in tracks:
-        if not frame.found:
-            previous = None
+    previous, last_save = None, time.perf_counter()
+    try:
+        for frame in tracks:
             if progress is not None:
                 progress.update(1)
-            continue
-        start = time.perf_counter()
-        targets = fitting.Targets.of_landmarks(model, frame.landmarks[None], [size])
-        problem = fitting.LandmarkProblem(model, targets, fit_config, identity=identity)
-        if previous is None or frame.status == 'cut':
-            usable = targets.landmark_usable[0].numpy()
-            rotation, translation = fitting.initial_pose(
-                mean_points[usable], (targets.landmarks - targets.centres[:, None])[0].numpy()[usable], focal)
-            x0 = problem.pack(rotation=torch.tensor(rotation)[None], translation=torch.tensor(translation)[None],
-                              expression=torch.zeros(problem.sizes['expression'], dtype=torch.float64),
-                              log_focal=torch.zeros(0, dtype=torch.float64))
-            anchor = None
-            iterations = 4 * TRACK_ITERATIONS  # a fresh start has further to go
-        else:
-            x0 = anchor = previous
-            iterations = TRACK_ITERATIONS
-        weights = problem.pack(**{key: torch.full(size_, 1 / TEMPORAL_SIGMA[key] ** 2, dtype=torch.float64)
-                                  for key, size_ in problem.sizes.items()})
-        lower, upper = problem.bounds()
-        x, _ = fitting.levenberg_marquardt(lambda v: problem.residuals(v, focal_tensor, anchor, weights), x0,
-                                           iterations, lower=lower, upper=upper)
-        p = problem.unpack(x)
-        frame.rotation, frame.translation = p['rotation'][0].numpy(), p['translation'][0].numpy()
-        frame.expression = p['expression'][0].numpy()
-        frame.fitted_landmarks = problem.landmark_pixels(p, focal_tensor)[0].detach().numpy()
-        frame.seconds['track'] = time.perf_counter() - start
-        previous = x.detach()
-        if progress is not None:
-            progress.update(1)
+            if not frame.found:
+                previous = None
+                continue
+            if frame.expression is None:
+                track_frame(frame, model, identity, focal_tensor, size, fit_config, previous, mean_points)
+            previous = frame
+            if save is not None and time.perf_counter() - last_save > SAVE_SECONDS:
+                save()
+                last_save = time.perf_counter()
+    finally:
+        if save is not None:
+            save()
+
+
+def track_frame(frame: FrameTrack, model: MorphableModel, identity: torch.Tensor, focal: torch.Tensor, size: tuple,
+                config: Config, previous: FrameTrack, mean_points: np.ndarray) -> None:
+    """One frame's pose and expression, from ``previous`` (the frame before, tracked) if the shot
+    goes on, else from a camera estimate of its landmarks."""
+    start = time.perf_counter()
+    targets = fitting.Targets.of_landmarks(model, frame.landmarks[None], [size])
+    problem = fitting.LandmarkProblem(model, targets, config, identity=identity)
+    no_focal = torch.zeros(0, dtype=torch.float64)
+    if previous is None or frame.status == 'cut':
+        usable = targets.landmark_usable[0].numpy()
+        rotation, translation = fitting.initial_pose(
+            mean_points[usable], (targets.landmarks - targets.centres[:, None])[0].numpy()[usable], float(focal))
+        x0 = problem.pack(rotation=torch.tensor(rotation)[None], translation=torch.tensor(translation)[None],
+                          expression=torch.zeros(problem.sizes['expression'], dtype=torch.float64), log_focal=no_focal)
+        anchor, iterations = None, 4 * TRACK_ITERATIONS  # a fresh start has further to go
+    else:
+        as_row = lambda values: torch.tensor(values, dtype=torch.float64)[None]
+        x0 = anchor = problem.pack(rotation=as_row(previous.rotation), translation=as_row(previous.translation),
+                                   expression=as_row(previous.expression), log_focal=no_focal)
+        iterations = TRACK_ITERATIONS
+    weights = problem.pack(**{key: torch.full(shape, 1 / TEMPORAL_SIGMA[key] ** 2, dtype=torch.float64)
+                              for key, shape in problem.sizes.items()})
+    lower, upper = problem.bounds()
+    x, _ = fitting.levenberg_marquardt(lambda v: problem.residuals(v, focal, anchor, weights), x0, iterations,
+                                       lower=lower, upper=upper)
+    p = problem.unpack(x)
+    frame.rotation, frame.translation = p['rotation'][0].numpy(), p['translation'][0].numpy()
+    frame.expression = p['expression'][0].numpy()
+    frame.fitted_landmarks = problem.landmark_pixels(p, focal)[0].detach().numpy()
+    frame.seconds['track'] = time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------- saved state
+
+ARRAY_FIELDS = ('landmarks', 'rotation', 'translation', 'expression', 'fitted_landmarks')
+
+
+def save_state(path: str, tracks: list) -> None:
+    """The tracks so far (what pass 1 found, what pass 2 fitted) to ``path``, for ``--resume``."""
+    as_list = lambda a: None if a is None else np.asarray(a).tolist()
+    frames = [dict(index=t.index, time=t.time, status=t.status, sharpness=t.sharpness, frontal=t.frontal,
+                   **{name: as_list(getattr(t, name)) for name in ARRAY_FIELDS}) for t in tracks]
+    utils.write_text(path, json.dumps(dict(frames=frames)))
+
+
+def load_state(path: str) -> list:
+    """The tracks saved by ``save_state``; [] where there are none or they cannot be read."""
+    try:
+        with open(path, encoding='utf-8') as file:
+            frames = json.load(file)['frames']
+        return [FrameTrack(**{key: (None if value is None else np.asarray(value)) if key in ARRAY_FIELDS else value
+                              for key, value in frame.items()}) for frame in frames]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def head_angles(rotation: np.ndarray) -> tuple:

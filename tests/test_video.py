@@ -172,3 +172,28 @@ def test_the_animated_head_plays_the_clip(tracked, ict_folder):
     error = np.abs(pixels - np.array(frame['landmarks'])).max()
     print(f'animated glb at frame {frame["index"]}: landmarks within {error:.4f} px of the fit')
     assert error < 0.5
+
+
+def test_ctrl_c_keeps_every_tracked_frame_and_resume_goes_on(ict_folder, tmp_path, capsys, monkeypatch):
+    make_clip(str(tmp_path / 'clip.mp4'), frames=30)
+    args = ['--input', str(tmp_path / 'clip.mp4'), '--output', str(tmp_path / 'out'), '--set', 'model=ict',
+            '--set', f'path={ict_folder}', '--iterations', '20', '0', '0', '--set', 'textureResolution=256',
+            '--maxResolution', '96']
+    real_track_frame, seen = tracking.track_frame, []
+
+    def interrupted_at_frame_12(frame, *rest):
+        if frame.index == 12:
+            raise KeyboardInterrupt
+        seen.append(frame.index)
+        return real_track_frame(frame, *rest)
+    monkeypatch.setattr(tracking, 'track_frame', interrupted_at_frame_12)
+    assert optimizer.main(args) == 130 and seen == list(range(12))
+    capsys.readouterr()
+    monkeypatch.setattr(tracking, 'track_frame', lambda frame, *rest: (seen.append(frame.index),
+                                                                       real_track_frame(frame, *rest)))
+    status = optimizer.main(args + ['--resume'])
+    out = capsys.readouterr().out
+    assert status == 0 and '12 of 30 frames already tracked' in out, out
+    assert seen == list(range(12)) + [k for k in range(12, 30) if k not in BLANK]  # none tracked twice
+    frames = json.loads((tmp_path / 'out' / 'tracking.json').read_text())['frames']
+    assert all((f['expression'] is None) == (f['index'] in BLANK) for f in frames)
