@@ -197,3 +197,45 @@ def test_ctrl_c_keeps_every_tracked_frame_and_resume_goes_on(ict_folder, tmp_pat
     assert seen == list(range(12)) + [k for k in range(12, 30) if k not in BLANK]  # none tracked twice
     frames = json.loads((tmp_path / 'out' / 'tracking.json').read_text())['frames']
     assert all((f['expression'] is None) == (f['index'] in BLANK) for f in frames)
+
+
+def test_tracking_recovers_known_yaw_and_jaw_curves(ict_folder):
+    """Landmarks of ICT-FaceKit's mean face under known head-yaw and jawOpen curves (plus 0.5 px
+    of noise, as a detector gives), tracked frame by frame: both curves come back."""
+    import config
+    import morphableModel
+    import pipeline
+    import torch
+    model = morphableModel.load_ict(ict_folder)
+    frames, size, focal = 60, (640, 360), 900.0
+    k = np.arange(frames)
+    yaw = 0.5 * np.sin(2 * np.pi * k / 40)                 # radians, ±29°
+    jaw = np.clip(0.5 + 0.45 * np.sin(2 * np.pi * k / 23), 0, 1)
+    params = pipeline.SceneParameters.zeros(model, frames, 1, bands=1)
+    params.rotation[:, 1] = torch.from_numpy(yaw).float()
+    params.translation[:] = torch.tensor([10.0, 0.0, 600.0])
+    params.expression[:, model.expression_names.index('jawOpen')] = torch.from_numpy(jaw).float()
+    params.focal[:] = focal
+    centres = torch.tensor([[size[0] / 2, size[1] / 2]]).expand(frames, 2)
+    points = pipeline.project(pipeline.model_vertices(model, params)[:, model.landmark_vertices], params.focal,
+                              centres).numpy()
+    points += np.random.default_rng(0).normal(0, 0.5, points.shape)
+    tracks = [tracking.FrameTrack(i, i / 25, 'fitted', points[i]) for i in range(frames)]
+    tracking.track(tracks, model, torch.zeros(model.n_shape), focal, size, config.Config().replace(model='ict'))
+    fitted_yaw = np.array([tracking.head_angles(t.rotation)[0] for t in tracks])
+    fitted_jaw = np.array([t.expression[model.expression_names.index('jawOpen')] for t in tracks])
+    truth_yaw = np.array([tracking.head_angles(np.array([0.0, y, 0.0]))[0] for y in yaw])
+    yaw_corr, jaw_corr = np.corrcoef(fitted_yaw, truth_yaw)[0, 1], np.corrcoef(fitted_jaw, jaw)[0, 1]
+    print(f'tracking: yaw correlation {yaw_corr:.3f}, rms {np.degrees(np.sqrt(np.mean((fitted_yaw - truth_yaw) ** 2))):.2f}°; '
+          f'jawOpen correlation {jaw_corr:.3f}, rms {np.sqrt(np.mean((fitted_jaw - jaw) ** 2)):.3f}')
+    assert yaw_corr >= 0.9 and jaw_corr >= 0.9
+
+
+def test_with_two_people_in_view_the_tracked_one_is_followed():
+    """The tracked face is followed by position and size, not the largest one that walks in."""
+    face = lambda x, y, size: np.stack([np.linspace(x, x + size, 68), np.linspace(y, y + size, 68)], axis=1)
+    tracked = face(100, 100, 80)
+    big_stranger = face(400, 80, 160)
+    assert tracking.follow([big_stranger, face(104, 98, 82)], tracked)[0, 0] == 104
+    assert tracking.follow([big_stranger], tracked) is None  # our person left the frame
+    assert tracking.follow([face(104, 98, 82), big_stranger], None)[0, 0] == 400  # a new shot: the largest
