@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests'))
 import config as config_module  # noqa: E402
 import fitting  # noqa: E402
-import morphableModel  # noqa: E402
+import modelFiles  # noqa: E402
 import pipeline  # noqa: E402
 import results  # noqa: E402
 import synthetic  # noqa: E402
@@ -64,13 +64,13 @@ def rigid_vertex_error(a: np.ndarray, b: np.ndarray) -> float:
 def write_model(folder: str) -> str:
     """The BFM-sized synthetic model and its converted cache (run in a child process) -> association file."""
     info = synthetic.write_bfm(folder, rings=120, segments=240)
-    morphableModel.load_bfm2017(folder, info['association'])
+    modelFiles.load_bfm2017(folder, info['association'])
     return info['association']
 
 
 def synthetic_problem(config, size: int):
     """A synthetic photo of known parameters -> (model, truth, FitImage, Pipeline, Targets, true vertices)."""
-    model = morphableModel.load_model(config)
+    model = modelFiles.load_model(config)
     generator = torch.Generator().manual_seed(0)
     truth = pipeline.SceneParameters.zeros(model, 1, 1, config.bands)
     truth.identity = 0.7 * torch.randn(1, model.n_shape, generator=generator)
@@ -135,7 +135,7 @@ def video_run(clip_path: str, model_path: str) -> dict:
     import landmarks
     import tracking
     import video
-    model = morphableModel.load_ict(model_path)
+    model = modelFiles.load_ict(model_path)
     clip = video.Clip(clip_path)
     tracks, detect = timed(lambda: tracking.detect(clip, landmarks.MediapipeDetector()))
     _, track = timed(lambda: tracking.track(tracks, model, torch.zeros(model.n_shape), 2.0 * clip.width,

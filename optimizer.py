@@ -21,6 +21,7 @@ import checkpoints
 import config as config_module
 import fitting
 import landmarks as landmarks_module
+import modelFiles
 import morphableModel
 import photos
 import renderer
@@ -65,7 +66,7 @@ def fit_inputs(args: argparse.Namespace, config: Config, paths: list) -> int:
     manifest = checkpoints.Manifest.load(args.output) if args.resume else checkpoints.Manifest(args.output, {}, {})
     manifest.check_config(fingerprint)
     manifest.save(fingerprint)
-    model = morphableModel.load_model(config)
+    model = modelFiles.load_model(config)
     detector = None if args.landmarks else landmarks_module.make_detector(config.lamdmarksDetectorType, config.device)
     failures = {}
 
@@ -136,7 +137,7 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
     manifest = checkpoints.Manifest.load(args.output) if args.resume else checkpoints.Manifest(args.output, {}, {})
     manifest.check_config(fingerprint)
     manifest.save(fingerprint)
-    model = morphableModel.load_model(config)
+    model = modelFiles.load_model(config)
     print(f'{clip.path}: {clip.width}x{clip.height} px, {clip.fps:.3f} fps, {clip.frame_count or "unknown"} frames')
     digest = checkpoints.file_digest(clip.path) if os.path.isfile(clip.path) else os.path.abspath(clip.path)
     state = os.path.join(args.output, checkpoints.CHECKPOINT_FOLDER, f'clip-{digest[-16:]}.json')
@@ -363,7 +364,7 @@ def replay(output: str, config: Config) -> int:
         raise checkpoints.RunError(f"'{output}' holds no fit to replay (no {checkpoints.MANIFEST_FILE} naming fitted "
                                    f"photos): run a fit with --output {output} first")
     manifest.check_config(checkpoints.config_fingerprint(config))
-    model = morphableModel.load_model(config)
+    model = modelFiles.load_model(config)
     for checkpoint_key, indices in runs.items():
         params = checkpoints.load_checkpoint(output, checkpoint_key, 3, model, len(indices), config.bands)
         if params is None:

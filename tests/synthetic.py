@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import fitting
-import morphableModel
+import modelFiles
 import results
 from photos import FitImage
 from pipeline import Pipeline
@@ -122,11 +122,11 @@ def write_bfm(folder: str, rings: int = 20, segments: int = 40, n_shape: int = 1
     albedo_variance = (decay(n_albedo, 0.06) ** 2) * n
     landmark_vertices = nearest_vertices(vertices, ibug_layout())
     named = [{'id': name, 'coordinates': vertices[landmark_vertices[ibug]].tolist()}
-             for name, ibug in morphableModel.BFM_NAMED_LANDMARKS.items()]
+             for name, ibug in modelFiles.BFM_NAMED_LANDMARKS.items()]
 
     skin = np.array([0.55, 0.38, 0.30], np.float32)
     diffuse_mean = np.tile(skin, (n, 1)) * (1 - 0.15 * np.exp(-((vertices[:, 1] + 42) / 8) ** 2))[:, None]
-    with h5py.File(os.path.join(folder, morphableModel.BFM_FILE), 'w') as h5:
+    with h5py.File(os.path.join(folder, modelFiles.BFM_FILE), 'w') as h5:
         shape = h5.create_group('shape')
         _write_pca(shape, vertices, _smooth_basis(vertices, n_shape, 3, rng), shape_variance, triangles)
         shape['representer/points'] = vertices.T
@@ -135,7 +135,7 @@ def write_bfm(folder: str, rings: int = 20, segments: int = 40, n_shape: int = 1
                    expression_variance, triangles)
         h5.create_group('color')  # the real file has one; the fit uses AlbedoMM instead
         h5['metadata/landmarks/json'] = json.dumps(named)
-    with h5py.File(os.path.join(folder, morphableModel.ALBEDO_FILE), 'w') as h5:
+    with h5py.File(os.path.join(folder, modelFiles.ALBEDO_FILE), 'w') as h5:
         _write_pca(h5.create_group('diffuseAlbedo'), diffuse_mean,
                    _smooth_basis(vertices, n_albedo, 3, rng), albedo_variance, triangles)
         _write_pca(h5.create_group('specularAlbedo'), np.full((n, 3), 0.25, np.float32),

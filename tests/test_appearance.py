@@ -4,7 +4,7 @@ import torch
 
 import config
 import fitting
-import morphableModel
+import modelFiles
 import pipeline
 import synthetic
 
@@ -19,7 +19,7 @@ def normalised_light(sh: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope='module')
 def fitted(small_bfm, render_device):
-    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    model = modelFiles.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     cfg = config.Config().replace(bands=3, envMapRes=16, textureResolution=256, rtTrainingSamples=8,
                                   iterStep2=120, iterStep3=30, maxResolution=SIZE,
                                   weightLandmarksLossStep2=0.01, device=render_device)

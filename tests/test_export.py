@@ -12,6 +12,7 @@ import trimesh
 from PIL import Image
 
 import config
+import modelFiles
 import morphableModel
 import optimizer
 import pipeline
@@ -35,7 +36,7 @@ def ict_fit(ict_folder, tmp_path_factory):
     status = optimizer.main(['--input', photo, '--output', str(output), '--set', 'model=ict',
                              '--set', f'path={ict_folder}'] + ICT_ARGS)
     assert status == 0
-    return output, morphableModel.load_ict(ict_folder)
+    return output, modelFiles.load_ict(ict_folder)
 
 
 def glb_camera_pixels(scene: trimesh.Scene, points: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -129,7 +130,7 @@ def test_photo_map_matches_a_known_texture(small_bfm):
     """A synthetic face with a known diffuse texture under uniform white light (radiance 1: a
     Lambertian texel shows its albedo), no specular: the photo projected into UV space gives the
     texture back on the texels the camera sees; a hidden texel takes its mirror texel's colour."""
-    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    model = modelFiles.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     size, res = 160, 256
     cfg = config.Config().replace(bands=3, envMapRes=16, textureResolution=res, maxResolution=size)
     truth = pipeline.SceneParameters.zeros(model, 1, 1, bands=3)
@@ -167,7 +168,7 @@ def test_seam_splitting_keeps_the_vertex_order():
 
 
 def test_a_model_without_uvs_gives_an_untextured_glb(small_bfm, tmp_path):
-    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    model = modelFiles.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     mesh = model.export_mesh()
     mesh.uvs = torch.zeros(0, 2)
     skin = textures.SkinTextures(np.zeros((4, 4, 3)), np.zeros((4, 4, 3)), np.zeros((4, 4, 1)),
@@ -222,7 +223,7 @@ def test_results_get_the_users_permissions(tmp_path):
 
 
 def test_maps_are_fitted_at_four_texels_per_pixel_and_exported_at_the_texture_resolution(small_bfm):
-    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    model = modelFiles.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     cfg = config.Config().replace(textureResolution=2048, maxResolution=128)
     scene = pipeline.Pipeline(model, cfg, [(128, 128)])
     assert scene.resolution == 512 and pipeline.fitted_texture_resolution(cfg.replace(maxResolution=512)) == 2048

@@ -17,6 +17,7 @@ from PIL import Image
 import checkpoints
 import config
 import landmarks
+import modelFiles
 import morphableModel
 import optimizer
 
@@ -207,7 +208,7 @@ def test_a_folder_with_unreadable_entries_names_them_and_fits_the_rest(photo, ic
 def test_the_model_cache_is_rebuilt_when_any_source_changes_or_it_is_inconsistent(ict_folder, tmp_path):
     folder = ict_copy(ict_folder, tmp_path / 'm', lambda model: None)
     model_folder = tmp_path / 'm' / 'FaceXModel'
-    first = morphableModel.load_ict(folder)
+    first = modelFiles.load_ict(folder)
     # a changed identity shape (not one of the two files the cache used to key on)
     lines = os.readlink(model_folder / 'identity007.obj')
     text = open(lines).read().splitlines()
@@ -215,18 +216,18 @@ def test_the_model_cache_is_rebuilt_when_any_source_changes_or_it_is_inconsisten
     x, y, z = map(float, text[index].split()[1:4])
     text[index] = f'v {x + 1.0} {y} {z}'  # 1 cm on vertex 0
     replace_file(model_folder / 'identity007.obj', '\n'.join(text) + '\n')
-    second = morphableModel.load_ict(folder)
+    second = modelFiles.load_ict(folder)
     assert not torch.equal(first.shape_basis[7], second.shape_basis[7])
     assert abs(float(second.shape_basis[7, 0, 0] - first.shape_basis[7, 0, 0]) - 10.0) < 1e-3  # mm
     # a cache file that reads but holds no consistent model (a basis of the wrong size), or garbage
     sources = sorted(str(p) for p in model_folder.glob('*.obj')) + [str(model_folder / 'vertex_indices.json')]
-    cache = morphableModel._cache_path(sources, 'ict')
+    cache = morphableModel.cache_path(sources, 'ict')
     assert os.path.isfile(cache)
     np.savez(cache, **{**{k: v for k, v in np.load(cache).items()}, 'shape_basis': np.zeros((3, 5, 3), np.float32)})
-    assert morphableModel.consistent(morphableModel.load_ict(folder))
+    assert morphableModel.consistent(modelFiles.load_ict(folder))
     with open(cache, 'wb') as file:
         file.write(b'not a cache')
-    assert torch.equal(morphableModel.load_ict(folder).shape_basis, second.shape_basis)
+    assert torch.equal(modelFiles.load_ict(folder).shape_basis, second.shape_basis)
 
 
 @pytest.mark.parametrize('damage', ['garbage', 'foreign', 'wrong shape'])

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+import modelFiles
 import morphableModel
 import utils
 
 
 def test_bfm_loads_by_its_schema(small_bfm):
-    model = morphableModel.load_bfm2017(small_bfm['folder'])
+    model = modelFiles.load_bfm2017(small_bfm['folder'])
     n = len(small_bfm['vertices'])
     assert model.mean_shape.shape == (n, 3)
     assert model.shape_basis.shape == (40, n, 3) and model.expression_basis.shape == (20, n, 3)
@@ -25,66 +26,66 @@ def test_bfm_loads_by_its_schema(small_bfm):
     chin_y = model.mean_shape[model.landmark_vertices[8], 1]
     assert forehead_y < chin_y
     # σ-scaled basis: a unit coefficient moves the vertices by √variance in total
-    with h5py.File(os.path.join(small_bfm['folder'], morphableModel.BFM_FILE)) as h5:
+    with h5py.File(os.path.join(small_bfm['folder'], modelFiles.BFM_FILE)) as h5:
         variance = np.asarray(h5['shape/model/pcaVariance'])
     assert np.isclose(float(model.shape_basis[3].norm()), np.sqrt(variance[3]), rtol=1e-4)
     # named landmarks map to the vertices they were made from; the others are unknown
-    named = sorted(morphableModel.BFM_NAMED_LANDMARKS.values())
+    named = sorted(modelFiles.BFM_NAMED_LANDMARKS.values())
     assert (model.landmark_vertices[named].numpy() == small_bfm['landmark_vertices'][named]).all()
     assert (model.landmark_vertices.numpy() >= 0).sum() == len(named)
 
 
 def test_association_file_gives_all_68(small_bfm):
-    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    model = modelFiles.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     assert (model.landmark_vertices.numpy() == small_bfm['landmark_vertices']).all()
 
 
 def test_expression_mean_is_added(small_bfm, tmp_path):
     folder = tmp_path / 'model'
     shutil.copytree(small_bfm['folder'], folder)
-    with h5py.File(folder / morphableModel.BFM_FILE, 'r+') as h5:
+    with h5py.File(folder / modelFiles.BFM_FILE, 'r+') as h5:
         mean = np.asarray(h5['expression/model/mean'])
         mean[2::3] += 7.0  # +7 mm in z for every vertex (BFM frame)
         h5['expression/model/mean'][...] = mean
-    base = morphableModel.load_bfm2017(small_bfm['folder'])
-    shifted = morphableModel.load_bfm2017(str(folder))
+    base = modelFiles.load_bfm2017(small_bfm['folder'])
+    shifted = modelFiles.load_bfm2017(str(folder))
     # centred again after the shift, so the shape is the same: the mean was used, not dropped
     assert torch.allclose(base.mean_shape, shifted.mean_shape, atol=1e-3)
-    with h5py.File(folder / morphableModel.BFM_FILE, 'r+') as h5:
+    with h5py.File(folder / modelFiles.BFM_FILE, 'r+') as h5:
         mean[2::3] = 0.0
         mean[0:300:3] += 5.0  # move some vertices only
         h5['expression/model/mean'][...] = mean
-    moved = morphableModel.load_bfm2017(str(folder))
+    moved = modelFiles.load_bfm2017(str(folder))
     assert not torch.allclose(base.mean_shape, moved.mean_shape, atol=1e-2)
 
 
 def test_trim_pca(small_bfm):
-    model = morphableModel.load_bfm2017(small_bfm['folder']).trimmed(10, 12)
+    model = modelFiles.load_bfm2017(small_bfm['folder']).trimmed(10, 12)
     assert model.n_shape == 10 and model.n_albedo == 12 and model.n_expression == 20
 
 
 def test_missing_files_say_where_to_get_them(tmp_path):
     with pytest.raises(morphableModel.ModelFileError, match='faces.dmi.unibas.ch'):
-        morphableModel.load_bfm2017(str(tmp_path))
+        modelFiles.load_bfm2017(str(tmp_path))
     with pytest.raises(morphableModel.ModelFileError, match='ICT-FaceKit'):
-        morphableModel.load_ict(str(tmp_path))
+        modelFiles.load_ict(str(tmp_path))
 
 
 def test_truncated_and_wrong_schema_files(small_bfm, tmp_path):
     shutil.copytree(small_bfm['folder'], tmp_path / 'm')
-    path = tmp_path / 'm' / morphableModel.BFM_FILE
+    path = tmp_path / 'm' / modelFiles.BFM_FILE
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
     with pytest.raises(morphableModel.ModelFileError, match='truncated'):
-        morphableModel.load_bfm2017(str(tmp_path / 'm'))
+        modelFiles.load_bfm2017(str(tmp_path / 'm'))
     with h5py.File(path, 'w') as h5:
         h5['something/else'] = np.zeros(3)
     with pytest.raises(morphableModel.ModelFileError, match='not the expected model file'):
-        morphableModel.load_bfm2017(str(tmp_path / 'm'))
+        modelFiles.load_bfm2017(str(tmp_path / 'm'))
 
 
 def test_uv_map_has_no_flipped_triangles_and_bounded_distortion(small_bfm):
-    model = morphableModel.load_bfm2017(small_bfm['folder'])
+    model = modelFiles.load_bfm2017(small_bfm['folder'])
     signed, ratio = morphableModel.uv_area_distortion(model.mean_shape.numpy(), model.faces.numpy(),
                                               model.uvs.numpy(), model.uv_faces.numpy())
     assert (signed > 0).all()
@@ -107,10 +108,10 @@ def test_uv_map_of_a_mesh_with_holes(small_bfm):
 def test_cache_makes_the_second_load_fast(small_bfm, tmp_path, monkeypatch):
     monkeypatch.setenv('FACE_MODEL_CACHE', str(tmp_path / 'cache'))
     start = time.perf_counter()
-    first = morphableModel.load_bfm2017(small_bfm['folder'])
+    first = modelFiles.load_bfm2017(small_bfm['folder'])
     first_time = time.perf_counter() - start
     start = time.perf_counter()
-    second = morphableModel.load_bfm2017(small_bfm['folder'])
+    second = modelFiles.load_bfm2017(small_bfm['folder'])
     second_time = time.perf_counter() - start
     assert len(list((tmp_path / 'cache').iterdir())) == 1
     assert torch.equal(first.shape_basis, second.shape_basis) and torch.equal(first.uvs, second.uvs)
@@ -118,8 +119,8 @@ def test_cache_makes_the_second_load_fast(small_bfm, tmp_path, monkeypatch):
 
 
 def test_ict_loads_from_its_original_layout(ict_folder):
-    model = morphableModel.load_ict(ict_folder)
-    n = morphableModel.ICT_FACE_VERTICES
+    model = modelFiles.load_ict(ict_folder)
+    n = modelFiles.ICT_FACE_VERTICES
     assert model.mean_shape.shape == (n, 3)
     assert model.n_shape == 100 and model.n_expression == 53
     assert (model.landmark_vertices >= 0).all() and (model.landmark_vertices < n).all()
@@ -142,9 +143,9 @@ def test_a_model_whose_mesh_can_have_no_uv_map_is_refused_clearly(small_bfm, tmp
     import shutil
     folder = tmp_path / 'closed'
     shutil.copytree(small_bfm['folder'], folder)
-    with h5py.File(folder / morphableModel.BFM_FILE, 'r+') as h5:
+    with h5py.File(folder / modelFiles.BFM_FILE, 'r+') as h5:
         cells = h5['shape/representer/cells'][()]
         del h5['shape/representer/cells']
         h5['shape/representer/cells'] = np.concatenate([cells, cells[::-1]], axis=1)  # every edge twice
     with pytest.raises(morphableModel.ModelFileError, match='no UV map'):
-        morphableModel.load_bfm2017(str(folder))
+        modelFiles.load_bfm2017(str(folder))

@@ -6,7 +6,7 @@ import pytest
 import scipy.ndimage
 import torch
 
-import morphableModel
+import modelFiles
 import pipeline
 import renderer
 import sphericalharmonics
@@ -17,7 +17,7 @@ SIZE, RES, ROWS = 64, 64, 16
 
 @pytest.fixture(scope='module')
 def setup(small_bfm, render_device):
-    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    model = modelFiles.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     face = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device)
     params = pipeline.SceneParameters.zeros(model, 1, 1, bands=3)
     params.rotation, params.translation = torch.tensor([[0.1, 0.3, 0.0]]), torch.tensor([[5.0, 0.0, 600.0]])

@@ -4,7 +4,7 @@ import torch
 
 import config
 import fitting
-import morphableModel
+import modelFiles
 import pipeline
 from photos import FitImage
 
@@ -43,7 +43,7 @@ def truth_parameters(model, n_images, n_identities, **values):
 @pytest.mark.parametrize('rotation', [[0.1, -0.5, 0.05], [-0.3, 0.9, 0.2], [0.2, 0.0, 2.8]])
 def test_recovers_pose_expression_and_focal_from_landmarks(small_bfm, rotation):
     """Any head pose, upside down included: landmark error < 0.5 px, rotation error < 1°."""
-    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    model = modelFiles.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     generator = torch.Generator().manual_seed(3)
     truth = truth_parameters(
         model, 1, 1, expression=0.8 * torch.randn(1, model.n_expression, generator=generator),
@@ -58,7 +58,7 @@ def test_recovers_pose_expression_and_focal_from_landmarks(small_bfm, rotation):
 
 
 def test_fixed_focal_length_is_kept(small_bfm):
-    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    model = modelFiles.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     truth = truth_parameters(model, 1, 1, rotation=torch.tensor([[0.0, 0.3, 0.0]]),
                              translation=torch.tensor([[0.0, 0.0, 2000.0]]), focal=torch.tensor([2500.0]))
     images = synthetic_images(model, truth)
@@ -70,7 +70,7 @@ def test_fixed_focal_length_is_kept(small_bfm):
 
 
 def test_shared_identity_fits_one_shape_for_several_images(small_bfm):
-    model = morphableModel.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    model = modelFiles.load_bfm2017(small_bfm['folder'], small_bfm['association'])
     generator = torch.Generator().manual_seed(5)
     truth = truth_parameters(  # identity is fitted in stage 2
         model, 3, 1, expression=0.5 * torch.randn(3, model.n_expression, generator=generator),
@@ -87,7 +87,7 @@ def test_ict_expressions_are_blendshape_weights_in_0_1(ict_folder):
     """ICT-FaceKit's expressions are fitted as blendshape weights, within [0, 1]: a known jaw
     opening, smile and blink come back, and no weight leaves the range (the N(0, 1) prior alone
     would let them go negative)."""
-    model = morphableModel.load_ict(ict_folder)
+    model = modelFiles.load_ict(ict_folder)
     assert model.expression_bounds == (0.0, 1.0) and len(model.expression_names) == model.n_expression == 53
     weights = {'jawOpen': 0.6, 'mouthSmile_L': 0.5, 'mouthSmile_R': 0.5, 'eyeBlink_L': 0.4, 'eyeBlink_R': 0.4}
     expression = torch.zeros(1, model.n_expression)

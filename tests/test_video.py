@@ -7,9 +7,15 @@ import os
 
 import av
 import numpy as np
+import pygltflib
 import pytest
+import torch
+from scipy.spatial.transform import Rotation
 
+import config
+import modelFiles
 import optimizer
+import pipeline
 import synthetic
 import tracking
 import video
@@ -133,9 +139,6 @@ def test_the_animated_head_plays_the_clip(tracked, ict_folder):
     animation of the head's pose and their weights at the tracked frames; posing the glb's
     landmark vertices at a frame's keys and looking through its camera gives that frame's
     fitted landmarks."""
-    import morphableModel
-    import pygltflib
-    from scipy.spatial.transform import Rotation
     document = pygltflib.GLTF2().load(str(tracked / 'out' / 'head.glb'))
     record = json.loads((tracked / 'out' / 'tracking.json').read_text())
     blob = document.binary_blob()
@@ -147,7 +150,7 @@ def test_the_animated_head_plays_the_clip(tracked, ict_folder):
         data = np.frombuffer(blob, np.float32, accessor.count * width, view.byteOffset + (accessor.byteOffset or 0))
         return data.reshape(accessor.count, width) if width > 1 else data
     mesh = document.meshes[0]
-    model = morphableModel.load_ict(ict_folder)
+    model = modelFiles.load_ict(ict_folder)
     assert mesh.extras['targetNames'] == list(model.expression_names) and len(mesh.primitives[0].targets) == 53
     animation = document.animations[0]
     paths = {channel.target.path: animation.samplers[channel.sampler] for channel in animation.channels}
@@ -202,11 +205,7 @@ def test_ctrl_c_keeps_every_tracked_frame_and_resume_goes_on(ict_folder, tmp_pat
 def test_tracking_recovers_known_yaw_and_jaw_curves(ict_folder):
     """Landmarks of ICT-FaceKit's mean face under known head-yaw and jawOpen curves (plus 0.5 px
     of noise, as a detector gives), tracked frame by frame: both curves come back."""
-    import config
-    import morphableModel
-    import pipeline
-    import torch
-    model = morphableModel.load_ict(ict_folder)
+    model = modelFiles.load_ict(ict_folder)
     frames, size, focal = 60, (640, 360), 900.0
     k = np.arange(frames)
     yaw = 0.5 * np.sin(2 * np.pi * k / 40)                 # radians, ±29°
