@@ -367,7 +367,7 @@ class Pipeline:
         envmap = self.envmap(params.sh[row:row + 1])[0]
         focal = float(params.focal[row])
         return self.renderer(row, vertices, focal).render(vertices, normals, diffuse, specular, roughness,
-                                                          envmap, focal, spp, seed)
+                                                          envmap, focal, spp, seed, self.centres[row].tolist())
 
     def decode(self, params: SceneParameters) -> dict:
         """Everything the result writers need, computed once (no gradients):
@@ -423,7 +423,7 @@ class Pipeline:
 
     def uv_image(self, row: int, vertices: torch.Tensor, focal: float) -> torch.Tensor:
         """The texture coordinate seen by each pixel of image row ``row`` [h, w, 2] (v up)."""
-        return self.renderer(row, vertices, focal).uv_image(vertices, focal)
+        return self.renderer(row, vertices, focal).uv_image(vertices, focal, self.centres[row].tolist())
 
 
 def fitted_texture_resolution(config: Config) -> int:

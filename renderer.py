@@ -125,10 +125,11 @@ class FaceRenderer:
         self.keys = dict(
             positions='face.vertex_positions', normals='face.vertex_normals',
             diffuse='face.bsdf.bsdf_0.reflectance.data', specular='face.bsdf.bsdf_1.specular_reflectance.data',
-            roughness='face.bsdf.bsdf_1.alpha.data', envmap='light.data', fov='sensor.x_fov')
+            roughness='face.bsdf.bsdf_1.alpha.data', envmap='light.data', fov='sensor.x_fov',
+            offset_x='sensor.principal_point_offset_x', offset_y='sensor.principal_point_offset_y')
         self.params.keep(list(self.keys.values()))
         self.envmap_width = self.params[self.keys['envmap']].shape[1]
-        self._fov, self._last_vertices = None, None
+        self._camera, self._last_vertices = None, None
         self._render = self._make_wrapped_render()
         self._uv_integrator = mi.load_dict({'type': 'aov', 'aovs': 'uv:uv'})
 
@@ -150,14 +151,19 @@ class FaceRenderer:
             return mi.render(self.scene, params, spp=spp, seed=seed)
         return render
 
-    def set_focal(self, focal: float) -> None:
-        """Horizontal field of view from the focal length (px of the whole image, crop or not);
-        not differentiated (stage 1 fits it)."""
-        fov = float(np.degrees(2 * np.arctan(self.width / 2 / focal)))
-        if fov != self._fov:
-            self.params[self.keys['fov']] = fov
+    def set_camera(self, focal: float, centre: tuple = None) -> None:
+        """The camera: horizontal field of view from the focal length (px of the whole image, crop
+        or not), and the principal point ``centre`` (x, y) px (default: the image's centre, as
+        ``pipeline.project``); not differentiated (stage 1 fits them)."""
+        centre = (self.width / 2, self.height / 2) if centre is None else tuple(float(c) for c in centre)
+        camera = (float(np.degrees(2 * np.arctan(self.width / 2 / focal))), centre)
+        if camera != self._camera:
+            self.params[self.keys['fov']] = camera[0]
+            # Mitsuba's offsets are fractions of the film, positive to the left and up of ours
+            self.params[self.keys['offset_x']] = (self.width / 2 - centre[0]) / self.width
+            self.params[self.keys['offset_y']] = (self.height / 2 - centre[1]) / self.height
             self.params.update()
-            self._fov = fov
+            self._camera = camera
 
     def _geometry_changed(self, vertices: torch.Tensor) -> bool:
         """Whether ``vertices`` differ from the last render's (always, when they carry gradients)."""
@@ -168,11 +174,12 @@ class FaceRenderer:
 
     def render(self, vertices: torch.Tensor, normals: torch.Tensor, diffuse_map: torch.Tensor,
                specular_map: torch.Tensor, roughness_map: torch.Tensor, envmap: torch.Tensor,
-               focal: float, spp: int, seed: int = 0) -> torch.Tensor:
+               focal: float, spp: int, seed: int = 0, centre: tuple = None) -> torch.Tensor:
         """vertices, normals [verts, 3] (camera frame, per geometry vertex); maps [res, res, 3|3|1]
-        (v up, like the OBJ UVs); envmap [rows, 2·rows, 3]; focal in pixels -> RGBA image
-        [height, width, 4], empty outside the crop."""
-        self.set_focal(focal)
+        (v up, like the OBJ UVs); envmap [rows, 2·rows, 3]; focal in pixels, principal point
+        ``centre`` (default: the image's centre) -> RGBA image [height, width, 4], empty outside
+        the crop."""
+        self.set_camera(focal, centre)
         to_render = lambda t: t[self.geometry_index].contiguous().float()
         texture = lambda t: t.contiguous().float()  # row 0 is v = 1 for both, see __init__
         wrap = self.envmap_width - envmap.shape[1]
@@ -218,10 +225,10 @@ class FaceRenderer:
         # a texel lies on its triangle, so its own hit is at its distance; 1 mm + 0.1% of slack
         return torch.from_numpy(hit >= distance - (1.0 + 1e-3 * distance))
 
-    def uv_image(self, vertices: torch.Tensor, focal: float) -> torch.Tensor:
+    def uv_image(self, vertices: torch.Tensor, focal: float, centre: tuple = None) -> torch.Tensor:
         """The texture coordinate seen by each pixel [height, width, 2] (OBJ convention, v up),
         for showing the maps in image space. Not differentiable."""
-        self.set_focal(focal)
+        self.set_camera(focal, centre)
         self._set_positions(vertices)
         image = self._uncrop(torch.from_numpy(np.array(self.mi.render(self.scene, spp=4, integrator=self._uv_integrator))))
         uv = image[..., -2:].clone()

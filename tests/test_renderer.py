@@ -55,6 +55,23 @@ def test_render_matches_the_projection_convention(setup):
     assert abs(ys.min() - float(pixels[:, 1].min())) < 1.5 and abs(ys.max() + 1 - float(pixels[:, 1].max())) < 1.5
 
 
+def test_an_off_centre_principal_point_moves_the_render_as_the_projection(setup):
+    """The principal point of a crop (not its centre) moves the render as ``project`` moves the
+    vertices: the face's outline lands where the projected vertices do."""
+    model, face, params, sh = setup
+    centre = (SIZE / 2 + 4.0, SIZE / 2 + 3.0)  # the face stays inside the image
+    vertices = pipeline.model_vertices(model, params)[0]
+    normals = utils.vertex_normals(vertices[None], model.faces)[0]
+    envmap = sphericalharmonics.EnvironmentMap(3, ROWS, False)(sh[None])[0]
+    flat = lambda c: torch.full((RES, RES, c), 0.5)
+    image = face.render(vertices, normals, flat(3), flat(3), flat(1), envmap, float(params.focal[0]), 4, 0, centre)
+    face.set_camera(float(params.focal[0]))  # the other tests' camera
+    ys, xs = np.nonzero(image[..., 3].numpy() > 0.5)
+    pixels = pipeline.project(vertices[None], params.focal, torch.tensor([centre]))[0]
+    assert abs(xs.min() - float(pixels[:, 0].min())) < 1.5 and abs(xs.max() + 1 - float(pixels[:, 0].max())) < 1.5
+    assert abs(ys.min() - float(pixels[:, 1].min())) < 1.5 and abs(ys.max() + 1 - float(pixels[:, 1].max())) < 1.5
+
+
 def test_renders_are_reproducible_with_a_seed(setup):
     assert torch.equal(render(setup, spp=4, seed=7), render(setup, spp=4, seed=7))
     assert not torch.equal(render(setup, spp=4, seed=7), render(setup, spp=4, seed=8))
