@@ -18,6 +18,7 @@ the peak memory of each.
 """
 import argparse
 import cProfile
+import itertools
 import multiprocessing
 import os
 import pstats
@@ -138,9 +139,21 @@ def video_run(clip_path: str, model_path: str) -> dict:
     model = modelFiles.load_ict(model_path)
     clip = video.Clip(clip_path)
     tracks, detect = timed(lambda: tracking.detect(clip, landmarks.MediapipeDetector()))
-    _, track = timed(lambda: tracking.track(tracks, model, torch.zeros(model.n_shape), 2.0 * clip.width,
-                                            (clip.width, clip.height), config_module.Config().replace(model='ict')))
-    return dict(frames=len(tracks), detect=detect, track=track,
+    config = config_module.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'optimConfig.ini'))
+    config = config.replace(model='ict', path=model_path)
+    focal, size = 2.0 * clip.width, (clip.width, clip.height)
+    _, track = timed(lambda: tracking.track(tracks, model, torch.zeros(model.n_shape), focal, size, config))
+    # the photometric steps on the first 50 tracked frames, with the mean face's reflectance
+    keyframe = pipeline.SceneParameters.zeros(model, 1, 1, config.bands)
+    keyframe.sh[0, 0] = 3.0
+    refiner = tracking.PhotometricRefiner(model, keyframe, focal, size, config)
+
+    def refine_first_frames() -> None:
+        found = ((frame, track) for frame, track in zip(clip.frames(), tracks) if track.found)  # one frame at a time
+        for frame, track in itertools.islice(found, 50):
+            refiner.refine(track, frame.pixels)
+    _, refine = timed(refine_first_frames)
+    return dict(frames=len(tracks), detect=detect, track=track, refine=refine / 50,
                 peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -148,14 +161,16 @@ def compare_clip_lengths(folder: str, model_path: str, lengths: tuple) -> None:
     """Tracking speed and peak memory on 640x360 clips of several lengths (flat memory: the
     same peak however long the clip)."""
     photo = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'photos', 'obama.jpg')
-    print(f'{"frames":>7} {"finding fps":>12} {"tracking fps":>13} {"both fps":>9} {"peak MB":>8}')
+    print(f'{"frames":>7} {"finding fps":>12} {"landmark fit fps":>17} {"both fps":>9} '
+          f'{"with photometric steps fps":>27} {"peak MB":>8}')
     for frames in lengths:
         path = os.path.join(folder, f'clip{frames}.mp4')
         synthetic.write_clip(path, frames, photo, cut=frames, blank=range(0))
         with multiprocessing.get_context('spawn').Pool(1) as pool:
             row = pool.apply(video_run, (path, model_path))
-        print(f'{row["frames"]:>7} {row["frames"] / row["detect"]:>12.1f} {row["frames"] / row["track"]:>13.1f} '
-              f'{row["frames"] / (row["detect"] + row["track"]):>9.1f} {row["peak"]:>8.0f}', flush=True)
+        per_frame = (row['detect'] + row['track']) / row['frames']
+        print(f'{row["frames"]:>7} {row["frames"] / row["detect"]:>12.1f} {row["frames"] / row["track"]:>17.1f} '
+              f'{1 / per_frame:>9.1f} {1 / (per_frame + row["refine"]):>27.1f} {row["peak"]:>8.0f}', flush=True)
 
 
 def print_profile(profile: cProfile.Profile, stages_seconds: float) -> None:

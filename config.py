@@ -83,6 +83,9 @@ class Config:
     # 'prb' (fast, no silhouette gradients) or 'direct_projective' (silhouette gradients, slower)
     integrator: str = field(default='prb', metadata=dict(choices=('prb', 'direct_projective')))
     seed: int = field(default=0, metadata=_between(0, 2 ** 31 - 1))
+    # video: photometric steps per frame after the landmark fit, on a square of the face this many px
+    videoPhotometricSteps: int = field(default=2, metadata=_between(0, 1000))
+    videoResolution: int = field(default=128, metadata=_between(32, 1024))
 
     def replace(self, **overrides) -> 'Config':
         """A copy with ``overrides`` applied and validated."""

@@ -360,6 +360,33 @@ def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
     return params, history
 
 
+def refine_pose(pipeline: Pipeline, params: SceneParameters, targets: Targets, anchors: dict, weights: dict,
+                steps: int) -> SceneParameters:
+    """A few Adam steps on the pose and expression of one image (a frame of a clip) by the
+    photometric and landmark losses, each parameter held to its ``anchors`` value (the landmark
+    fit) with ``weights`` (1/σ²): the rest of ``params`` stays as it is."""
+    config = pipeline.config
+    params = params.detached()
+    for tensor in (params.rotation, params.translation, params.expression):
+        tensor.requires_grad_(True)
+    rates = STAGE2_RATES
+    groups = [dict(params=[params.expression], lr=rates['geometry']), dict(params=[params.rotation], lr=rates['rotation']),
+              dict(params=[params.translation], lr=rates['translation'])]
+    sigma = max(targets.sizes[0]) / 128  # px, as stage 1 weighs landmarks
+
+    def loss_terms(iteration: int) -> dict:
+        vertices = pipeline.vertices(params)
+        rendered = pipeline.render(params, 0, config.rtTrainingSamples, iteration, vertices[0])
+        prior = sum(weights[name] * ((getattr(params, name) - anchor) ** 2).sum() for name, anchor in anchors.items())
+        return dict(photo=photometric_loss(rendered, targets.photos[0]),
+                    landmarks=config.weightLandmarksLossStep2 * landmark_loss(pipeline.landmarks(params, vertices), targets),
+                    temporal_prior=1e-3 * prior / sigma ** 2)
+
+    bounds = pipeline.model.expression_bounds
+    adam_loop('refine', groups, loss_terms, steps, config, project=bounds and (lambda: params.expression.clamp_(*bounds)))
+    return params.detached()
+
+
 # ------------------------------------------------------------------------------------ stage 3
 
 # Adam step sizes of stage 3, per texel of the maps and for the SH coefficients.

@@ -165,7 +165,9 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
     focal = float(np.median([float(params.focal[row]) / image.scale for row, image in enumerate(images)]))
     identity, size = params.identity[0], (clip.width, clip.height)
     with tqdm(total=len(tracks), desc='tracking', unit='frame', disable=quiet) as progress:
-        tracking.track(tracks, model, identity, focal, size, config, progress, lambda: tracking.save_state(state, tracks))
+        refiner = tracking.PhotometricRefiner(model, params, focal, size, config) if config.videoPhotometricSteps else None
+        tracking.track(tracks, model, identity, focal, size, config, progress, lambda: tracking.save_state(state, tracks),
+                       refiner, clip)
     info = dict(source=os.path.abspath(clip.path), model=model.name, fps=clip.fps, width=clip.width,
                 height=clip.height, focal=focal, damage=clip.damage)
     results.write_all({
@@ -178,9 +180,10 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
         'head.glb': lambda: write_animated_head(os.path.join(args.output, 'head.glb'), pipeline, params, tracks, focal,
                                                 size)})
     counts = {status: sum(t.status == status for t in tracks) for status in ('fitted', 'cut', 'no face')}
-    seconds = {stage: sum(t.seconds.get(stage, 0.0) for t in tracks) for stage in ('detect', 'track')}
+    seconds = {stage: sum(t.seconds.get(stage, 0.0) for t in tracks) for stage in ('detect', 'track', 'refine')}
     speeds = ''.join(f'; {what} {len(tracks) / seconds[stage]:.1f} fps' for stage, what in
-                     (('detect', 'finding the face'), ('track', 'tracking')) if seconds[stage] > 0)
+                     (('detect', 'finding the face'), ('track', 'landmark fit'), ('refine', 'photometric steps'))
+                     if seconds[stage] > 0)
     print(f'done: {len(tracks)} frames: {counts["fitted"] + counts["cut"]} tracked ({counts["cut"]} after a cut), '
           f'{counts["no face"]} without a face{speeds}; results in {os.path.abspath(args.output)}')
     return 0

@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 import fitting
+import photos
 import utils
 from config import Config
 from morphableModel import MorphableModel
-from pipeline import rotation_matrix
+from pipeline import Pipeline, SceneParameters, resize_map, rotation_matrix
 from video import Clip
 
 # Consecutive frames whose 32x32 grey thumbnails differ (mean, in [0, 1]) by more than
@@ -185,18 +186,21 @@ def choose_keyframes(tracks: list, count: int = KEYFRAMES) -> list:
 
 
 def track(tracks: list, model: MorphableModel, identity: torch.Tensor, focal: float, size: tuple,
-          config: Config, progress=None, save=None) -> None:
+          config: Config, progress=None, save=None, refiner: 'PhotometricRefiner' = None, clip: Clip = None) -> None:
     """Pass 2: each frame's pose and expression from its landmarks, the clip's ``identity``
     [n_shape] and ``focal`` (frame pixels), started from the previous frame's solution and held
-    to it by the temporal prior; a cut or a frame after one without a face starts afresh. Frames
-    tracked before (``--resume``) are kept. ``save()`` runs every SAVE_SECONDS, at the end, and
-    when the run is interrupted: every finished frame is kept."""
+    to it by the temporal prior; a cut or a frame after one without a face starts afresh; with a
+    ``refiner`` (and the ``clip``'s pixels) a few photometric steps follow. Frames tracked before
+    (``--resume``) are kept. ``save()`` runs every SAVE_SECONDS, at the end, and when the run is
+    interrupted: every finished frame is kept."""
     fit_config = config.replace(optimizeFocalLength=False, camFocalLength=focal)
     focal_tensor = torch.tensor([focal], dtype=torch.float64)
     mean_points = model.mean_shape[model.landmark_vertices.clamp_min(0)].numpy()
+    frames = clip.frames() if refiner is not None else iter(())
     previous, last_save = None, time.perf_counter()
     try:
         for frame in tracks:
+            pixels = next(frames, None)
             if progress is not None:
                 progress.update(1)
             if not frame.found:
@@ -204,6 +208,8 @@ def track(tracks: list, model: MorphableModel, identity: torch.Tensor, focal: fl
                 continue
             if frame.expression is None:
                 track_frame(frame, model, identity, focal_tensor, size, fit_config, previous, mean_points)
+                if refiner is not None and pixels is not None:
+                    refiner.refine(frame, pixels.pixels)
             previous = frame
             if save is not None and time.perf_counter() - last_save > SAVE_SECONDS:
                 save()
@@ -243,6 +249,63 @@ def track_frame(frame: FrameTrack, model: MorphableModel, identity: torch.Tensor
     frame.expression = p['expression'][0].numpy()
     frame.fitted_landmarks = problem.landmark_pixels(p, focal)[0].detach().numpy()
     frame.seconds['track'] = time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------- photometric steps
+
+class PhotometricRefiner:
+    """A few photometric steps per frame on its pose and expression, after the landmark fit: the
+    frame's face, a square of CROP_MARGIN times the landmarks' extent resampled to
+    ``videoResolution`` px, ray traced with the clip's identity, reflectance and light (from the
+    keyframes), seen by the clip's camera (its principal point kept), held to the landmark fit by
+    the temporal prior's weights."""
+
+    def __init__(self, model: MorphableModel, keyframe_params: SceneParameters, focal: float, size: tuple,
+                 config: Config):
+        self.side, self.focal, self.frame_size, self.config = config.videoResolution, focal, size, config
+        self.pipeline = Pipeline(model, config, [(self.side, self.side)], crop_to_face=False)
+        resolution = self.pipeline.resolution
+        self.appearance = dict(
+            identity=keyframe_params.identity[:1], albedo=keyframe_params.albedo[:1],
+            sh=keyframe_params.sh.mean(0, keepdim=True),  # the keyframes' light, averaged
+            **{name: None if getattr(keyframe_params, name) is None else
+               resize_map(getattr(keyframe_params, name)[0], resolution)[None]
+               for name in ('diffuse_map', 'specular_map', 'roughness_map')})
+
+    def crop(self, pixels: np.ndarray, landmarks: np.ndarray) -> tuple:
+        """The frame's face [side, side, 3] (linear colour), and its frame -> crop pixel scale and
+        origin (crop pixel = (frame pixel - origin) · scale)."""
+        centre, extent = face_box(landmarks)
+        half = photos.CROP_MARGIN * extent / 2
+        origin = centre - half
+        box = tuple(int(round(v)) for v in (*origin, *(centre + half)))
+        image = Image.fromarray(pixels).crop(box).resize((self.side, self.side), Image.BILINEAR)
+        scale = self.side / (box[2] - box[0])
+        return torch.from_numpy(utils.srgb_to_linear(np.asarray(image, np.float32) / 255)), scale, np.array(box[:2])
+
+    def refine(self, frame: FrameTrack, pixels: np.ndarray) -> None:
+        """Photometric steps on ``frame``'s pose and expression (already fitted to its landmarks)."""
+        start = time.perf_counter()
+        photo, scale, origin = self.crop(pixels, frame.landmarks)
+        centre = (np.array(self.frame_size) / 2 - origin) * scale  # the clip camera's principal point, in the crop
+        self.pipeline.centres[0] = torch.from_numpy(centre).float()
+        targets = fitting.Targets.of_landmarks(self.pipeline.model, ((frame.landmarks - origin) * scale)[None],
+                                               [(self.side, self.side)])
+        targets.centres[0], targets.photos = self.pipeline.centres[0], [photo]
+        as_row = lambda values: torch.tensor(np.asarray(values), dtype=torch.float32)[None]
+        params = SceneParameters(rotation=as_row(frame.rotation), translation=as_row(frame.translation),
+                                 expression=as_row(frame.expression), focal=torch.tensor([self.focal * scale]),
+                                 **self.appearance)
+        anchors = {name: getattr(params, name).clone() for name in ('rotation', 'translation', 'expression')}
+        fitted = fitting.refine_pose(self.pipeline, params, targets, anchors,
+                                     {name: 1 / TEMPORAL_SIGMA[name] ** 2 for name in anchors},
+                                     self.config.videoPhotometricSteps)
+        frame.rotation, frame.translation = fitted.rotation[0].numpy(), fitted.translation[0].numpy()
+        frame.expression = fitted.expression[0].numpy()
+        with torch.no_grad():
+            vertices = self.pipeline.vertices(fitted)
+            frame.fitted_landmarks = (self.pipeline.landmarks(fitted, vertices)[0].numpy() / scale + origin)
+        frame.seconds['refine'] = time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------- saved state
