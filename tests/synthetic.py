@@ -191,3 +191,35 @@ def write_clip(path: str, frames: int, second_photo: str, cut: int = CLIP_CUT, b
             elif k >= cut:
                 canvas.paste(second, (140, 0))
             out.write(np.asarray(canvas))
+
+
+def render_face_clip(path: str, model, diffuse_srgb: np.ndarray, frames: int) -> tuple:
+    """A 640x360 clip at 25 fps of ``model``'s mean face with the texture ``diffuse_srgb``
+    [res, res, 3] under a soft light from above, turning (yaw) and opening its jaw on known curves,
+    over grey -> (yaw [frames] radians, jawOpen weight [frames])."""
+    import config
+    import pipeline
+    import results
+    import utils
+    import video
+    width, height, res = 640, 360, diffuse_srgb.shape[0]
+    cfg = config.Config().replace(model='ict', textureResolution=res, bands=3, envMapRes=16, maxResolution=height)
+    scene = pipeline.Pipeline(model, cfg, [(width, height)], crop_to_face=False)
+    k = np.arange(frames)
+    yaw = 0.35 * np.sin(2 * np.pi * k / 40)
+    jaw = np.clip(0.45 + 0.45 * np.sin(2 * np.pi * k / 17), 0, 1)
+    params = pipeline.SceneParameters.zeros(model, 1, 1, bands=3)
+    params.translation, params.focal = torch.tensor([[0.0, 10.0, 650.0]]), torch.tensor([700.0])
+    params.sh[0, 0], params.sh[0, 2] = 3.2, 0.8
+    params.diffuse_map = torch.from_numpy(utils.srgb_to_linear(diffuse_srgb.astype(np.float32)))[None]
+    params.specular_map, params.roughness_map = torch.full((1, res, res, 3), 0.02), torch.full((1, res, res, 1), 0.5)
+    jaw_index = model.expression_names.index('jawOpen')
+    with video.VideoWriter(path, 25, width, height) as out:
+        for i in range(frames):
+            params.rotation = torch.tensor([[0.0, float(yaw[i]), 0.0]])
+            params.expression = torch.zeros(1, model.n_expression)
+            params.expression[0, jaw_index] = float(jaw[i])
+            with torch.no_grad():
+                rendered = scene.render(params, 0, 16, i, scene.vertices(params)[0]).numpy()
+            out.write(results.to_uint8(results.composite(rendered, np.full((height, width, 3), 0.35, np.float32))))
+    return yaw, jaw

@@ -10,6 +10,7 @@ import numpy as np
 import pygltflib
 import pytest
 import torch
+from PIL import Image
 from scipy.spatial.transform import Rotation
 
 import config
@@ -238,3 +239,30 @@ def test_with_two_people_in_view_the_tracked_one_is_followed():
     assert tracking.follow([big_stranger, face(104, 98, 82)], tracked)[0, 0] == 104
     assert tracking.follow([big_stranger], tracked) is None  # our person left the frame
     assert tracking.follow([face(104, 98, 82), big_stranger], None)[0, 0] == 400  # a new shot: the largest
+
+
+def test_a_rendered_face_recovers_known_yaw_and_jaw_curves(ict_folder, tmp_path):
+    """ICT-FaceKit's face, textured with the photo map of a fit of the astronaut, rendered turning
+    (yaw ±20°) and opening its jaw on known curves: through the detector and the tracker (with
+    its photometric steps), both curves come back."""
+    import skimage.data
+    photo = tmp_path / 'astronaut.png'
+    Image.fromarray(skimage.data.astronaut()).save(photo)
+    ict = ['--set', 'model=ict', '--set', f'path={ict_folder}', '--set', 'textureResolution=256']
+    assert optimizer.main(['--input', str(photo), '--output', str(tmp_path / 'still'), '--iterations', '40', '3', '0',
+                           '--set', 'rtSamples=8', '--maxResolution', '128'] + ict) == 0
+    texture = np.asarray(Image.open(tmp_path / 'still' / 'photoMap_0.png').convert('RGB'), np.float32) / 255
+    model = modelFiles.load_ict(ict_folder)
+    yaw, jaw = synthetic.render_face_clip(str(tmp_path / 'face.mp4'), model, texture, frames=40)
+    assert optimizer.main(['--input', str(tmp_path / 'face.mp4'), '--output', str(tmp_path / 'out'),
+                           '--iterations', '40', '5', '0', '--set', 'rtSamples=8', '--set', 'videoPhotometricSteps=1']
+                          + ict) == 0
+    frames = json.loads((tmp_path / 'out' / 'tracking.json').read_text())['frames']
+    assert all(f['status'] != 'no face' for f in frames)
+    fitted_yaw = np.array([tracking.head_angles(np.array(f['rotation']))[0] for f in frames])
+    truth_yaw = np.array([tracking.head_angles(np.array([0.0, y, 0.0]))[0] for y in yaw])
+    fitted_jaw = np.array([f['expression'][model.expression_names.index('jawOpen')] for f in frames])
+    yaw_corr, jaw_corr = np.corrcoef(fitted_yaw, truth_yaw)[0, 1], np.corrcoef(fitted_jaw, jaw)[0, 1]
+    print(f'rendered clip: yaw correlation {yaw_corr:.3f}, rms {np.degrees(np.sqrt(np.mean((fitted_yaw - truth_yaw) ** 2))):.2f}°; '
+          f'jawOpen correlation {jaw_corr:.3f}, rms {np.sqrt(np.mean((fitted_jaw - jaw) ** 2)):.3f}')
+    assert yaw_corr >= 0.9 and jaw_corr >= 0.9
