@@ -226,6 +226,15 @@ class Manifest:
             raise RunError(f"'{path}' is damaged ({error}): which checkpoint belongs to which photo is unknown; "
                            f"start again with --overwrite") from None
 
+    @staticmethod
+    def begin(output: str, fingerprint: dict, resume: bool) -> 'Manifest':
+        """The manifest of a run: the earlier run's if it continues (``resume``: its config must
+        be the same), else a new one; saved with the run's config before any checkpoint is."""
+        manifest = Manifest.load(output) if resume else Manifest(output, {}, {})
+        manifest.check_config(fingerprint)
+        manifest.save(fingerprint)
+        return manifest
+
     def check_config(self, fingerprint: dict) -> None:
         """Refuse to continue checkpoints made with a config they depend on, changed."""
         changed = {key: (self.config[key], value) for key, value in fingerprint.items()

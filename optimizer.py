@@ -48,24 +48,22 @@ def run(args: argparse.Namespace) -> int:
     checkpoints.refuse_results_as_inputs(args.input, args.output)
     if args.video or video.is_video(args.input):
         clip = video.Clip(args.input, args.fps)
-        with checkpoints.locked(args.output):
-            checkpoints.prepare_output(args.output, args.overwrite, args.resume)
-            return fit_clip(args, config, clip)
-    paths, skipped = photos.list_inputs(args.input)
-    for path, reason in skipped:
-        print(f'note: skipping {path}: {reason}')
+        fit = lambda: fit_clip(args, config, clip)
+    else:
+        paths, skipped = photos.list_inputs(args.input)
+        for path, reason in skipped:
+            print(f'note: skipping {path}: {reason}')
+        fit = lambda: fit_inputs(args, config, paths)
     with checkpoints.locked(args.output):
         checkpoints.prepare_output(args.output, args.overwrite, args.resume)
-        return fit_inputs(args, config, paths)
+        return fit()
 
 
 def fit_inputs(args: argparse.Namespace, config: Config, paths: list) -> int:
     """Fit every photo of ``paths`` (alone, or all with one identity) into the locked output
     folder, continuing its checkpoints with ``--resume``; -> exit status."""
     fingerprint = checkpoints.config_fingerprint(config)
-    manifest = checkpoints.Manifest.load(args.output) if args.resume else checkpoints.Manifest(args.output, {}, {})
-    manifest.check_config(fingerprint)
-    manifest.save(fingerprint)
+    manifest = checkpoints.Manifest.begin(args.output, fingerprint, args.resume)
     model = modelFiles.load_model(config)
     detector = None if args.landmarks else landmarks_module.make_detector(config.lamdmarksDetectorType, config.device)
     failures = {}
@@ -133,10 +131,7 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
     """A clip: the person's landmarks in every frame, one identity (shape and reflectance) from
     keyframes, each frame's pose and expression -> ``tracking.json``, ``arkit.csv`` (blendshape
     models), ``overlay.mp4``, and the keyframes' fits in ``keyframes/``; -> exit status."""
-    fingerprint = checkpoints.config_fingerprint(config)
-    manifest = checkpoints.Manifest.load(args.output) if args.resume else checkpoints.Manifest(args.output, {}, {})
-    manifest.check_config(fingerprint)
-    manifest.save(fingerprint)
+    checkpoints.Manifest.begin(args.output, checkpoints.config_fingerprint(config), args.resume)
     model = modelFiles.load_model(config)
     print(f'{clip.path}: {clip.width}x{clip.height} px, {clip.fps:.3f} fps, {clip.frame_count or "unknown"} frames')
     digest = checkpoints.file_digest(clip.path) if os.path.isfile(clip.path) else os.path.abspath(clip.path)
