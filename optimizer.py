@@ -8,6 +8,7 @@ light through the ray tracer) -> stage 3 (per-texel diffuse, specular and roughn
 the results. A checkpoint after each stage lets ``--resume`` continue and ``--replay`` render.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -135,16 +136,19 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
     model = modelFiles.load_model(config)
     print(f'{clip.path}: {clip.width}x{clip.height} px, {clip.fps:.3f} fps, {clip.frame_count or "unknown"} frames')
     digest = checkpoints.file_digest(clip.path) if os.path.isfile(clip.path) else os.path.abspath(clip.path)
-    state = os.path.join(args.output, checkpoints.CHECKPOINT_FOLDER, f'clip-{digest[-16:]}.json')
+    state = os.path.join(args.output, checkpoints.CHECKPOINT_FOLDER, f'clip-{digest[-16:]}')
+    found, tracked = state + '-found.jsonl', state + '-tracked.jsonl'
     quiet = not sys.stderr.isatty()
-    tracks = tracking.load_state(state) if args.resume else []
+    tracks = tracking.load_state(found, tracked) if args.resume else []
     if tracks:
         done = sum(t.expression is not None for t in tracks)
         print(f'--resume: the face was found in this clip before; {done} of {len(tracks)} frames already tracked')
     else:
         with tqdm(total=clip.frame_count or None, desc='finding the face', unit='frame', disable=quiet) as progress:
             tracks = tracking.detect(clip, landmarks_module.MediapipeDetector(), progress)
-        tracking.save_state(state, tracks)
+        tracking.save_found(found, tracks)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tracked)  # frames tracked against other found faces
     if clip.damage:
         print(f'warning: {clip.path}: {clip.damage}; the {len(tracks)} frames before it are tracked')
     keyframes = tracking.choose_keyframes(tracks)
@@ -161,8 +165,8 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
     identity, size = params.identity[0], (clip.width, clip.height)
     with tqdm(total=len(tracks), desc='tracking', unit='frame', disable=quiet) as progress:
         refiner = tracking.PhotometricRefiner(model, params, focal, size, config) if config.videoPhotometricSteps else None
-        tracking.track(tracks, model, identity, focal, size, config, progress, lambda: tracking.save_state(state, tracks),
-                       refiner, clip)
+        with open(tracked, 'a', encoding='utf-8') as log:
+            tracking.track(tracks, model, identity, focal, size, config, progress, log, refiner, clip)
     info = dict(source=os.path.abspath(clip.path), model=model.name, fps=clip.fps, width=clip.width,
                 height=clip.height, focal=focal, damage=clip.damage)
     results.write_all({

@@ -468,15 +468,17 @@ def write_tracking(path: str, clip_info: dict, tracks: list, identity: np.ndarra
     """``tracking.json``: the clip (fps, size, the focal length in its pixels, model), the
     identity coefficients once, the keyframes, and per frame: index, time, status ('fitted',
     'no face', 'cut'), rotation (axis-angle), translation (mm), expression, and the 68 fitted
-    landmarks in the clip's pixels."""
-    as_list = lambda a: None if a is None else np.round(np.asarray(a, float), 6).tolist()
-    record = dict(clip_info, identity=as_list(identity), keyframes=keyframes, blendshapes=list(blendshapes),
-                  conventions='camera x right, y down, z forward, mm; pixel = (f*x/z + w/2, f*y/z + h/2) of the '
-                              'clip\'s frame; X_cam = R X_model + t, R from the axis-angle rotation',
-                  frames=[dict(index=t.index, time=round(t.time, 6), status=t.status, rotation=as_list(t.rotation),
-                               translation=as_list(t.translation), expression=as_list(t.expression),
-                               landmarks=as_list(t.fitted_landmarks)) for t in tracks])
-    utils.write_text(path, json.dumps(record))
+    landmarks in the clip's pixels. Written frame by frame: memory stays flat."""
+    head = dict(clip_info, identity=np.round(np.asarray(identity, float), 6).tolist(), keyframes=keyframes,
+                blendshapes=list(blendshapes),
+                conventions='camera x right, y down, z forward, mm; pixel = (f*x/z + w/2, f*y/z + h/2) of the '
+                            'clip\'s frame; X_cam = R X_model + t, R from the axis-angle rotation')
+    with utils.atomic_path(path) as temporary, open(temporary, 'w', encoding='utf-8') as file:
+        file.write(json.dumps(head)[:-1] + ', "frames": [\n')
+        for k, track in enumerate(tracks):
+            line = tracking.frame_record(track, ('time', 'status') + tracking.FITTED_FIELDS).rstrip('\n')
+            file.write((',\n' if k else '') + line.replace('"fitted_landmarks"', '"landmarks"'))
+        file.write(']}\n')
 
 
 def write_arkit_csv(path: str, tracks: list, fps: float, blendshapes: tuple) -> None:
@@ -484,15 +486,16 @@ def write_arkit_csv(path: str, tracks: list, fps: float, blendshapes: tuple) -> 
     ARKit weights (ICT's split shapes averaged), the head's yaw, pitch and roll (radians) and the
     eyes' (0: not fitted). A frame without a face holds the last fitted values."""
     to_arkit = video.arkit_matrix(blendshapes)
-    lines = [','.join(video.LIVE_LINK_COLUMNS)]
     weights, angles = np.zeros(len(video.ARKIT_BLENDSHAPES)), (0.0, 0.0, 0.0)
-    for track in tracks:
-        if track.expression is not None:
-            weights = np.clip(to_arkit @ track.expression, 0, 1)
-            angles = tracking.head_angles(track.rotation)
-        values = [*weights, *angles, *([0.0] * 6)]
-        lines.append(','.join([video.timecode(track.time, fps), str(len(values))] + [f'{v:.6f}' for v in values]))
-    utils.write_text(path, '\n'.join(lines) + '\n')
+    with utils.atomic_path(path) as temporary, open(temporary, 'w', encoding='utf-8') as file:
+        file.write(','.join(video.LIVE_LINK_COLUMNS) + '\n')
+        for track in tracks:
+            if track.expression is not None:
+                weights = np.clip(to_arkit @ track.expression, 0, 1)
+                angles = tracking.head_angles(track.rotation)
+            values = [*weights, *angles, *([0.0] * 6)]
+            file.write(','.join([video.timecode(track.time, fps), str(len(values))] + [f'{v:.6f}' for v in values])
+                       + '\n')
 
 
 def overlay_frame(pixels: np.ndarray, faces: np.ndarray, vertices: np.ndarray, vertex_pixels: np.ndarray,

@@ -8,6 +8,7 @@ focal length (pixels of the frame) is one for the whole clip.
 import collections
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -162,8 +163,8 @@ def detect(clip: Clip, detector, progress=None) -> list:
             previous = None if not faces else previous  # somebody else in view: keep looking for our person
         else:
             status = 'cut' if cut else 'fitted'
-            tracks.append(FrameTrack(frame.index, frame.time, status, points, sharpness(frame.pixels, points),
-                                     frontality(points)))
+            tracks.append(FrameTrack(frame.index, frame.time, status, points.astype(np.float32),
+                                     sharpness(frame.pixels, points), frontality(points)))
             previous = points
         tracks[-1].seconds['detect'] = time.perf_counter() - start
         if progress is not None:
@@ -186,13 +187,13 @@ def choose_keyframes(tracks: list, count: int = KEYFRAMES) -> list:
 
 
 def track(tracks: list, model: MorphableModel, identity: torch.Tensor, focal: float, size: tuple,
-          config: Config, progress=None, save=None, refiner: 'PhotometricRefiner' = None, clip: Clip = None) -> None:
+          config: Config, progress=None, log=None, refiner: 'PhotometricRefiner' = None, clip: Clip = None) -> None:
     """Pass 2: each frame's pose and expression from its landmarks, the clip's ``identity``
     [n_shape] and ``focal`` (frame pixels), started from the previous frame's solution and held
     to it by the temporal prior; a cut or a frame after one without a face starts afresh; with a
     ``refiner`` (and the ``clip``'s pixels) a few photometric steps follow. Frames tracked before
-    (``--resume``) are kept. ``save()`` runs every SAVE_SECONDS, at the end, and when the run is
-    interrupted: every finished frame is kept."""
+    (``--resume``) are kept. Each finished frame is a line of ``log`` (a file), flushed every
+    SAVE_SECONDS, at the end, and when the run is interrupted: every finished frame is kept."""
     fit_config = config.replace(optimizeFocalLength=False, camFocalLength=focal)
     focal_tensor = torch.tensor([focal], dtype=torch.float64)
     mean_points = model.mean_shape[model.landmark_vertices.clamp_min(0)].numpy()
@@ -210,13 +211,15 @@ def track(tracks: list, model: MorphableModel, identity: torch.Tensor, focal: fl
                 track_frame(frame, model, identity, focal_tensor, size, fit_config, previous, mean_points)
                 if refiner is not None and pixels is not None:
                     refiner.refine(frame, pixels.pixels)
+                if log is not None:
+                    log.write(frame_record(frame, FITTED_FIELDS))
             previous = frame
-            if save is not None and time.perf_counter() - last_save > SAVE_SECONDS:
-                save()
+            if log is not None and time.perf_counter() - last_save > SAVE_SECONDS:
+                log.flush()
                 last_save = time.perf_counter()
     finally:
-        if save is not None:
-            save()
+        if log is not None:
+            log.flush()
 
 
 def track_frame(frame: FrameTrack, model: MorphableModel, identity: torch.Tensor, focal: torch.Tensor, size: tuple,
@@ -245,9 +248,9 @@ def track_frame(frame: FrameTrack, model: MorphableModel, identity: torch.Tensor
     x, _ = fitting.levenberg_marquardt(lambda v: problem.residuals(v, focal, anchor, weights), x0, iterations,
                                        lower=lower, upper=upper)
     p = problem.unpack(x)
-    frame.rotation, frame.translation = p['rotation'][0].numpy(), p['translation'][0].numpy()
-    frame.expression = p['expression'][0].numpy()
-    frame.fitted_landmarks = problem.landmark_pixels(p, focal)[0].detach().numpy()
+    frame.rotation, frame.translation = p['rotation'][0].float().numpy(), p['translation'][0].float().numpy()
+    frame.expression = p['expression'][0].float().numpy()
+    frame.fitted_landmarks = problem.landmark_pixels(p, focal)[0].detach().float().numpy()
     frame.seconds['track'] = time.perf_counter() - start
 
 
@@ -311,24 +314,43 @@ class PhotometricRefiner:
 # ---------------------------------------------------------------------------- saved state
 
 ARRAY_FIELDS = ('landmarks', 'rotation', 'translation', 'expression', 'fitted_landmarks')
+FITTED_FIELDS = ('rotation', 'translation', 'expression', 'fitted_landmarks')
 
 
-def save_state(path: str, tracks: list) -> None:
-    """The tracks so far (what pass 1 found, what pass 2 fitted) to ``path``, for ``--resume``."""
-    as_list = lambda a: None if a is None else np.asarray(a).tolist()
-    frames = [dict(index=t.index, time=t.time, status=t.status, sharpness=t.sharpness, frontal=t.frontal,
-                   **{name: as_list(getattr(t, name)) for name in ARRAY_FIELDS}) for t in tracks]
-    utils.write_text(path, json.dumps(dict(frames=frames)))
+def frame_record(track: FrameTrack, fields: tuple) -> str:
+    """One frame's ``fields`` (and its index) as a line of JSON."""
+    as_list = lambda a: None if a is None else np.round(np.asarray(a, np.float64), 6).tolist()
+    values = {name: as_list(getattr(track, name)) if name in ARRAY_FIELDS else getattr(track, name) for name in fields}
+    return json.dumps(dict(index=track.index, **values)) + '\n'
 
 
-def load_state(path: str) -> list:
-    """The tracks saved by ``save_state``; [] where there are none or they cannot be read."""
-    try:
+def save_found(path: str, tracks: list) -> None:
+    """What pass 1 found, a line per frame, for ``--resume`` (written as it goes: memory stays flat)."""
+    with utils.atomic_path(path) as temporary, open(temporary, 'w', encoding='utf-8') as file:
+        for track in tracks:
+            file.write(frame_record(track, ('time', 'status', 'sharpness', 'frontal', 'landmarks')))
+
+
+def load_state(found_path: str, tracked_path: str) -> list:
+    """The tracks of ``save_found``, with the frames pass 2 finished (``tracked_path``, a line per
+    frame; a line cut by a killed write is passed over); [] where nothing was found before."""
+    def lines(path: str):
         with open(path, encoding='utf-8') as file:
-            frames = json.load(file)['frames']
-        return [FrameTrack(**{key: (None if value is None else np.asarray(value)) if key in ARRAY_FIELDS else value
-                              for key, value in frame.items()}) for frame in frames]
-    except (OSError, ValueError, KeyError, TypeError):
+            for line in file:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue
+    try:
+        tracks = [FrameTrack(**{key: (None if value is None else np.asarray(value, np.float32))
+                                if key in ARRAY_FIELDS else value for key, value in record.items()})
+                  for record in lines(found_path)]
+        if os.path.isfile(tracked_path):
+            for record in lines(tracked_path):
+                for name in FITTED_FIELDS:
+                    setattr(tracks[record['index']], name, np.asarray(record[name], np.float32))
+        return tracks
+    except (OSError, KeyError, TypeError, IndexError):
         return []
 
 
