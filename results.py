@@ -476,8 +476,9 @@ def write_tracking(path: str, clip_info: dict, tracks: list, identity: np.ndarra
     with utils.atomic_path(path) as temporary, open(temporary, 'w', encoding='utf-8') as file:
         file.write(json.dumps(head)[:-1] + ', "frames": [\n')
         for k, track in enumerate(tracks):
-            line = tracking.frame_record(track, ('time', 'status') + tracking.FITTED_FIELDS).rstrip('\n')
-            file.write((',\n' if k else '') + line.replace('"fitted_landmarks"', '"landmarks"'))
+            line = tracking.frame_record(track, ('time', 'status') + tracking.FITTED_FIELDS,
+                                         dict(fitted_landmarks='landmarks')).rstrip('\n')
+            file.write((',\n' if k else '') + line)
         file.write(']}\n')
 
 

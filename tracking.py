@@ -317,10 +317,11 @@ ARRAY_FIELDS = ('landmarks', 'rotation', 'translation', 'expression', 'fitted_la
 FITTED_FIELDS = ('rotation', 'translation', 'expression', 'fitted_landmarks')
 
 
-def frame_record(track: FrameTrack, fields: tuple) -> str:
-    """One frame's ``fields`` (and its index) as a line of JSON."""
+def frame_record(track: FrameTrack, fields: tuple, renamed: dict = None) -> str:
+    """One frame's ``fields`` (and its index) as a line of JSON, keys ``renamed`` as asked."""
     as_list = lambda a: None if a is None else np.round(np.asarray(a, np.float64), 6).tolist()
-    values = {name: as_list(getattr(track, name)) if name in ARRAY_FIELDS else getattr(track, name) for name in fields}
+    values = {(renamed or {}).get(name, name): as_list(getattr(track, name)) if name in ARRAY_FIELDS
+              else getattr(track, name) for name in fields}
     return json.dumps(dict(index=track.index, **values)) + '\n'
 
 
