@@ -155,6 +155,23 @@ def params_json(params: SceneParameters, image: FitImage, model_name: str) -> st
     return json.dumps(record, indent=1)
 
 
+def draw_face(canvas: Image.Image, faces: np.ndarray, vertices: np.ndarray, vertex_pixels: np.ndarray,
+              dots: list) -> Image.Image:
+    """``canvas`` with the face's front-facing wireframe (white) and ``dots`` [(points [k, 2], RGBA
+    colour)] drawn over it (RGB); ``vertices`` [verts, 3] camera frame, ``vertex_pixels`` [verts, 2]
+    their pixels in ``canvas``."""
+    layer = Image.new('RGBA', canvas.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    facing = (utils.face_normals_np(vertices, faces) * vertices[faces[:, 0]]).sum(1) < 0  # toward the camera
+    for a, b, c in faces[facing]:
+        draw.line([tuple(vertex_pixels[a]), tuple(vertex_pixels[b]), tuple(vertex_pixels[c]), tuple(vertex_pixels[a])],
+                  fill=(255, 255, 255, 40), width=1)
+    for points, colour in dots:
+        for x, y in points:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    return Image.alpha_composite(canvas.convert('RGBA'), layer).convert('RGB')
+
+
 def landmark_overlay(image: FitImage, faces: np.ndarray, vertices: np.ndarray, vertex_pixels: np.ndarray,
                      model_landmarks: np.ndarray, usable: np.ndarray, zoom: int = 2) -> np.ndarray:
     """The photo with the model's front-facing wireframe (white), and for every usable landmark
@@ -162,18 +179,8 @@ def landmark_overlay(image: FitImage, faces: np.ndarray, vertices: np.ndarray, v
     camera frame, ``vertex_pixels`` [verts, 2] and ``model_landmarks`` [68, 2] their pixels."""
     width, height = image.size
     canvas = Image.fromarray(to_uint8(image.pixels)).resize((width * zoom, height * zoom))
-    layer = Image.new('RGBA', canvas.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    facing = (utils.face_normals_np(vertices, faces) * vertices[faces[:, 0]]).sum(1) < 0  # toward the camera
-    pixels = vertex_pixels * zoom
-    for a, b, c in faces[facing]:
-        draw.line([tuple(pixels[a]), tuple(pixels[b]), tuple(pixels[c]), tuple(pixels[a])],
-                  fill=(255, 255, 255, 40), width=1)
-    dot = lambda point, colour: draw.ellipse([point[0] - 2, point[1] - 2, point[0] + 2, point[1] + 2], fill=colour)
-    for j in np.flatnonzero(usable):
-        dot(image.landmarks[j] * zoom, (0, 255, 0, 255))
-        dot(model_landmarks[j] * zoom, (255, 0, 0, 255))
-    return np.asarray(Image.alpha_composite(canvas.convert('RGBA'), layer).convert('RGB'), np.float32) / 255
+    dots = [(image.landmarks[usable] * zoom, (0, 255, 0, 255)), (model_landmarks[usable] * zoom, (255, 0, 0, 255))]
+    return np.asarray(draw_face(canvas, faces, vertices, vertex_pixels * zoom, dots), np.float32) / 255
 
 
 # ------------------------------------------------------------------------ the fit's results
@@ -504,12 +511,5 @@ def overlay_frame(pixels: np.ndarray, faces: np.ndarray, vertices: np.ndarray, v
     """A frame [h, w, 3] uint8 with the fitted face's front-facing wireframe (white) and its
     landmarks [68, 2] (red) drawn over it; ``vertices`` [verts, 3] camera frame, their pixels
     [verts, 2]."""
-    canvas = Image.fromarray(pixels).convert('RGBA')
-    layer = Image.new('RGBA', canvas.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    facing = (utils.face_normals_np(vertices, faces) * vertices[faces[:, 0]]).sum(1) < 0
-    for a, b, c in faces[facing]:
-        draw.line([tuple(vertex_pixels[a]), tuple(vertex_pixels[b]), tuple(vertex_pixels[c])], fill=(255, 255, 255, 50))
-    for x, y in landmarks:
-        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(255, 40, 40, 255))
-    return np.asarray(Image.alpha_composite(canvas, layer).convert('RGB'))
+    return np.asarray(draw_face(Image.fromarray(pixels), faces, vertices, vertex_pixels,
+                                [(landmarks, (255, 40, 40, 255))]))
