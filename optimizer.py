@@ -139,9 +139,9 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
     state = os.path.join(args.output, checkpoints.CHECKPOINT_FOLDER, f'clip-{digest[-16:]}')
     found, tracked = state + '-found.jsonl', state + '-tracked.jsonl'
     quiet = not sys.stderr.isatty()
-    tracks = tracking.load_state(found, tracked) if args.resume else []
+    tracks = tracking.load_state(found, tracked) if args.resume else tracking.Tracks()
     if tracks:
-        done = sum(t.expression is not None for t in tracks)
+        done = len(tracks.tracked())
         print(f'--resume: the face was found in this clip before; {done} of {len(tracks)} frames already tracked')
     else:
         with tqdm(total=clip.frame_count or None, desc='finding the face', unit='frame', disable=quiet) as progress:
@@ -178,8 +178,8 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
                                              focal),
         'head.glb': lambda: write_animated_head(os.path.join(args.output, 'head.glb'), pipeline, params, tracks, focal,
                                                 size)})
-    counts = {status: sum(t.status == status for t in tracks) for status in ('fitted', 'cut', 'no face')}
-    seconds = {stage: sum(t.seconds.get(stage, 0.0) for t in tracks) for stage in ('detect', 'track', 'refine')}
+    counts = {status: sum(t.status == status for t in tracks) for status in tracking.STATUSES}
+    seconds = {stage: tracks.total_seconds(stage) for stage in tracking.STAGES}
     speeds = ''.join(f'; {what} {len(tracks) / seconds[stage]:.1f} fps' for stage, what in
                      (('detect', 'finding the face'), ('track', 'landmark fit'), ('refine', 'photometric steps'))
                      if seconds[stage] > 0)
@@ -199,7 +199,7 @@ def write_animated_head(path: str, pipeline: Pipeline, params: SceneParameters, 
     with torch.no_grad():
         neutral = mesh.vertices(params.identity[:1], torch.zeros(1, model.n_expression))[0].numpy()
     centre = results.head_centre(neutral, model.landmark_vertices.numpy(), mesh.whole_head)
-    tracked = [t for t in tracks if t.expression is not None]
+    tracked = [tracks[row] for row in tracks.tracked()]
     rotations = rotation_matrix(torch.tensor(np.stack([t.rotation for t in tracked]), dtype=torch.float64)).numpy()
     motion = results.HeadMotion(times=np.array([t.time for t in tracked]), rotations=rotations,
                                 translations=np.stack([t.translation for t in tracked]),

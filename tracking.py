@@ -10,7 +10,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,24 +41,117 @@ SAVE_SECONDS = 20.0
 TEMPORAL_SIGMA = dict(rotation=0.1, translation=15.0, expression=0.25, log_focal=1.0)
 
 
-@dataclass
+STATUSES = ('fitted', 'cut', 'no face')  # 'cut': fitted, the first frame of a new shot
+STAGES = ('detect', 'track', 'refine')    # the passes whose seconds each frame keeps
+ARRAY_FIELDS = ('landmarks', 'rotation', 'translation', 'expression', 'fitted_landmarks')
+FIELD_SHAPES = dict(landmarks=(68, 2), rotation=(3,), translation=(3,), fitted_landmarks=(68, 2))
+
+
+class Tracks:
+    """Every frame's track as one array per field, [frames, ...] (frames in rows, grown by
+    doubling): no Python object per frame, so a 10-minute clip's 15,000 frames are a few arrays
+    (about 20 MB) and nothing small and long-lived is left between the frames' temporaries (held
+    per frame, such records fragmented the heap: 7 KB a frame). ``tracks[i]`` is frame i's
+    FrameTrack, a view; float fields are NaN where not known (no face, not tracked yet)."""
+
+    def __init__(self, capacity: int = 1024):
+        self.count, self.capacity = 0, max(int(capacity), 1)
+        self.columns = dict(index=np.zeros(self.capacity, np.int64), time=np.zeros(self.capacity),
+                            status=np.zeros(self.capacity, np.int8),
+                            sharpness=np.zeros(self.capacity, np.float32), frontal=np.zeros(self.capacity, np.float32),
+                            seconds=np.zeros((self.capacity, len(STAGES))))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, row: int) -> 'FrameTrack':
+        if not -self.count <= row < self.count:
+            raise IndexError(row)
+        return FrameTrack(self, row % self.count)
+
+    def __iter__(self):
+        return (FrameTrack(self, row) for row in range(self.count))
+
+    def append(self, index: int, time: float, status: str, landmarks: np.ndarray = None, sharpness: float = 0.0,
+               frontal: float = 0.0) -> 'FrameTrack':
+        """A frame found by pass 1 (landmarks [68, 2] frame pixels, None without a face)."""
+        if self.count == self.capacity:
+            self.capacity *= 2
+            self.columns = {name: np.concatenate([column, np.full_like(column, np.nan if name in ARRAY_FIELDS else 0)])
+                            for name, column in self.columns.items()}
+        self.count += 1
+        frame = FrameTrack(self, self.count - 1)
+        frame.index, frame.time, frame.status = index, time, status
+        frame.landmarks, frame.sharpness, frame.frontal = landmarks, sharpness, frontal
+        return frame
+
+    def column(self, name: str, width: tuple) -> np.ndarray:
+        """The array of field ``name`` [capacity, *width], made (NaN) when first written."""
+        if name not in self.columns:
+            self.columns[name] = np.full((self.capacity, *width), np.nan, np.float32)
+        return self.columns[name]
+
+    def tracked(self) -> np.ndarray:
+        """Rows whose pose and expression are fitted -> [k] int."""
+        expression = self.columns.get('expression')
+        return np.zeros(0, int) if expression is None else np.flatnonzero(~np.isnan(expression[:self.count, 0]))
+
+    def total_seconds(self, stage: str) -> float:
+        return float(self.columns['seconds'][:self.count, STAGES.index(stage)].sum())
+
+
+def array_field(name: str) -> property:
+    """A FrameTrack attribute kept in a column of Tracks: an array, or None where NaN."""
+    def get(frame):
+        column = frame.tracks.columns.get(name)
+        value = None if column is None else column[frame.row]
+        return None if value is None or np.isnan(value.flat[0]) else value
+
+    def put(frame, value):
+        if value is None:
+            if name in frame.tracks.columns:
+                frame.tracks.columns[name][frame.row] = np.nan
+        else:
+            frame.tracks.column(name, FIELD_SHAPES.get(name, np.shape(value)))[frame.row] = value
+    return property(get, put)
+
+
+def scalar_field(name: str) -> property:
+    """A FrameTrack attribute kept in a column of Tracks: a number."""
+    return property(lambda frame: frame.tracks.columns[name][frame.row].item(),
+                    lambda frame, value: frame.tracks.columns[name].__setitem__(frame.row, value))
+
+
 class FrameTrack:
-    """What tracking found in one frame."""
-    index: int
-    time: float
-    status: str                          # 'fitted', 'no face', or 'cut' (fitted, the first of a new shot)
-    landmarks: np.ndarray = None         # [68, 2] detected, frame pixels
-    sharpness: float = 0.0               # variance of the face's Laplacian (grey levels²)
-    frontal: float = 0.0                 # 1 for a face looking into the camera, less when turned
-    rotation: np.ndarray = None          # [3] axis-angle, fitted
-    translation: np.ndarray = None       # [3] mm
-    expression: np.ndarray = None        # [n_expr]
-    fitted_landmarks: np.ndarray = None  # [68, 2] the model's, frame pixels
-    seconds: dict = field(default_factory=dict)
+    """What tracking found in one frame: a view of row ``row`` of ``tracks``."""
+    __slots__ = ('tracks', 'row')
+    index, time = scalar_field('index'), scalar_field('time')
+    sharpness = scalar_field('sharpness')       # variance of the face's Laplacian (grey levels²)
+    frontal = scalar_field('frontal')           # 1 for a face looking into the camera, less when turned
+    landmarks = array_field('landmarks')        # [68, 2] detected, frame pixels
+    rotation = array_field('rotation')          # [3] axis-angle, fitted
+    translation = array_field('translation')    # [3] mm
+    expression = array_field('expression')      # [n_expr]
+    fitted_landmarks = array_field('fitted_landmarks')  # [68, 2] the model's, frame pixels
+
+    def __init__(self, tracks: Tracks, row: int):
+        self.tracks, self.row = tracks, row
+
+    @property
+    def status(self) -> str:
+        return STATUSES[self.tracks.columns['status'][self.row]]
+
+    @status.setter
+    def status(self, value: str) -> None:
+        self.tracks.columns['status'][self.row] = STATUSES.index(value)
 
     @property
     def found(self) -> bool:
         return self.status != 'no face'
+
+    def spent(self, stage: str, seconds: float) -> None:
+        """Record the ``seconds`` that pass ``stage`` took on this frame."""
+        self.tracks.columns['seconds'][self.row, STAGES.index(stage)] = seconds
 
 
 def thumbnail(pixels: np.ndarray) -> np.ndarray:
@@ -139,10 +231,10 @@ def frontality(points: np.ndarray) -> float:
     return max(0.0, 1.0 - 2 * abs(float(points[30, 0] - between[0])) / max(eyes, 1e-6))
 
 
-def detect(clip: Clip, detector, progress=None) -> list:
+def detect(clip: Clip, detector, progress=None) -> Tracks:
     """Pass 1 over the clip: the tracked person's landmarks in every frame, shot cuts, frames
-    without a face -> [FrameTrack] (landmarks only)."""
-    tracks, previous, last_thumbnail = [], None, None
+    without a face -> Tracks (landmarks only)."""
+    tracks, previous, last_thumbnail = Tracks(clip.frame_count or 1024), None, None
     differences = collections.deque(maxlen=CUT_HISTORY)
     for frame in clip.frames():
         start = time.perf_counter()
@@ -159,14 +251,14 @@ def detect(clip: Clip, detector, progress=None) -> list:
         faces = find_faces(detector, frame.pixels, previous)
         points = follow(faces, previous)
         if points is None:
-            tracks.append(FrameTrack(frame.index, frame.time, 'no face'))
+            found = tracks.append(frame.index, frame.time, 'no face')
             previous = None if not faces else previous  # somebody else in view: keep looking for our person
         else:
             status = 'cut' if cut else 'fitted'
-            tracks.append(FrameTrack(frame.index, frame.time, status, points.astype(np.float32),
-                                     sharpness(frame.pixels, points), frontality(points)))
+            found = tracks.append(frame.index, frame.time, status, points, sharpness(frame.pixels, points),
+                                  frontality(points))
             previous = points
-        tracks[-1].seconds['detect'] = time.perf_counter() - start
+        found.spent('detect', time.perf_counter() - start)
         if progress is not None:
             progress.update(1)
     return tracks
@@ -251,7 +343,7 @@ def track_frame(frame: FrameTrack, model: MorphableModel, identity: torch.Tensor
     frame.rotation, frame.translation = p['rotation'][0].float().numpy(), p['translation'][0].float().numpy()
     frame.expression = p['expression'][0].float().numpy()
     frame.fitted_landmarks = problem.landmark_pixels(p, focal)[0].detach().float().numpy()
-    frame.seconds['track'] = time.perf_counter() - start
+    frame.spent('track', time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------- photometric steps
@@ -308,12 +400,11 @@ class PhotometricRefiner:
         with torch.no_grad():
             vertices = self.pipeline.vertices(fitted)
             frame.fitted_landmarks = (self.pipeline.landmarks(fitted, vertices)[0].numpy() / scale + origin)
-        frame.seconds['refine'] = time.perf_counter() - start
+        frame.spent('refine', time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------- saved state
 
-ARRAY_FIELDS = ('landmarks', 'rotation', 'translation', 'expression', 'fitted_landmarks')
 FITTED_FIELDS = ('rotation', 'translation', 'expression', 'fitted_landmarks')
 
 
@@ -332,9 +423,9 @@ def save_found(path: str, tracks: list) -> None:
             file.write(frame_record(track, ('time', 'status', 'sharpness', 'frontal', 'landmarks')))
 
 
-def load_state(found_path: str, tracked_path: str) -> list:
+def load_state(found_path: str, tracked_path: str) -> Tracks:
     """The tracks of ``save_found``, with the frames pass 2 finished (``tracked_path``, a line per
-    frame; a line cut by a killed write is passed over); [] where nothing was found before."""
+    frame; a line cut by a killed write is passed over); empty where nothing was found before."""
     def lines(path: str):
         with open(path, encoding='utf-8') as file:
             for line in file:
@@ -343,16 +434,17 @@ def load_state(found_path: str, tracked_path: str) -> list:
                 except ValueError:
                     continue
     try:
-        tracks = [FrameTrack(**{key: (None if value is None else np.asarray(value, np.float32))
-                                if key in ARRAY_FIELDS else value for key, value in record.items()})
-                  for record in lines(found_path)]
+        tracks = Tracks()
+        for record in lines(found_path):
+            landmarks = record.pop('landmarks')
+            tracks.append(**record, landmarks=None if landmarks is None else np.asarray(landmarks, np.float32))
         if os.path.isfile(tracked_path):
             for record in lines(tracked_path):
                 for name in FITTED_FIELDS:
                     setattr(tracks[record['index']], name, np.asarray(record[name], np.float32))
         return tracks
-    except (OSError, KeyError, TypeError, IndexError):
-        return []
+    except (OSError, KeyError, TypeError, IndexError, ValueError):
+        return Tracks()
 
 
 def head_angles(rotation: np.ndarray) -> tuple:

@@ -220,7 +220,9 @@ def test_tracking_recovers_known_yaw_and_jaw_curves(ict_folder):
     points = pipeline.project(pipeline.model_vertices(model, params)[:, model.landmark_vertices], params.focal,
                               centres).numpy()
     points += np.random.default_rng(0).normal(0, 0.5, points.shape)
-    tracks = [tracking.FrameTrack(i, i / 25, 'fitted', points[i]) for i in range(frames)]
+    tracks = tracking.Tracks()
+    for i in range(frames):
+        tracks.append(i, i / 25, 'fitted', points[i])
     tracking.track(tracks, model, torch.zeros(model.n_shape), focal, size, config.Config().replace(model='ict'))
     fitted_yaw = np.array([tracking.head_angles(t.rotation)[0] for t in tracks])
     fitted_jaw = np.array([t.expression[model.expression_names.index('jawOpen')] for t in tracks])
