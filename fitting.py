@@ -316,9 +316,118 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
 
 # ------------------------------------------------------------------------------------ stage 2
 
+# The start of stage 2: for the stage-1 geometry, the image is linear in the SH light (for fixed
+# reflectance) and in the statistical albedo (for fixed light), so both are solved by least
+# squares on a few renders of many samples, alternating, instead of being left to Adam's noisy
+# steps (which, from a uniform light and the mean albedo, never found the albedo: its error stayed
+# at that of the mean). Bands 0-2 of the light are solved (they hold almost all the shading of a
+# convex object); the higher bands start at 0.
+SOLVED_BANDS, SOLVE_ROUNDS, SOLVE_SPP = 3, 3, 32
+# Basis lights must stay positive (the renderer clips negative radiance): each is rendered on top
+# of POSITIVE_OFFSET times the uniform one, which is then taken off.
+POSITIVE_OFFSET = 3.0
+# The albedo's Gaussian prior against the pixels' residual, as a pixel noise level (linear colour).
+ALBEDO_PIXEL_SIGMA = 0.2
+
+
+def face_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: float) -> tuple:
+    """The pixels of image row ``row`` the face covers -> (mask [h, w] bool, their texel indices
+    [k] into the fitted maps (row-major, row 0 at v = 1))."""
+    renderer = pipeline.renderer(row, vertices, focal)
+    uv = renderer.uv_image(vertices, focal, pipeline.centres[row].tolist())
+    with torch.no_grad():
+        alpha = pipeline.render_maps(row, vertices, focal, *[torch.ones(pipeline.resolution, pipeline.resolution, c)
+                                                              for c in (3, 3, 1)], torch.ones(1, 1, 3), 4)[..., 3]
+    mask = alpha > 0.99  # whole pixels: the edges blend with the background
+    res = pipeline.resolution
+    cols = (uv[..., 0][mask] * res).long().clamp(0, res - 1)
+    rows = ((1 - uv[..., 1][mask]) * res).long().clamp(0, res - 1)
+    return mask, rows * res + cols
+
+
+def light_basis_images(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: float, maps: tuple,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """The face pixels under each of the first SOLVED_BANDS² SH basis lights (white), with
+    reflectance ``maps`` -> [k, bands², 3]."""
+    k = solved_coefficients(pipeline.config)
+    basis = pipeline.envmap.basis[..., :k] * pipeline.envmap.window[:k]
+    render = lambda light: pipeline.render_maps(row, vertices, focal, *maps, light[..., None].expand(-1, -1, 3),
+                                                SOLVE_SPP)[mask][:, :3]
+    uniform = render(basis[..., 0])
+    images = [uniform] + [render(POSITIVE_OFFSET * basis[..., 0] + basis[..., k]) - POSITIVE_OFFSET * uniform
+                          for k in range(1, basis.shape[-1])]
+    return torch.stack(images, dim=1)
+
+
+def solved_coefficients(config: Config) -> int:
+    """How many SH coefficients the least squares solve: those of bands 0-2, or fewer bands."""
+    return min(SOLVED_BANDS, config.bands) ** 2
+
+
+def solve_light(basis_images: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
+    """Least-squares SH coefficients [bands², 3] (each colour channel on its own) of the light
+    that makes the ``basis_images`` [k, bands², 3] sum to ``photo`` [k, 3]."""
+    return torch.stack([torch.linalg.lstsq(basis_images[..., c].double(), photo[:, c:c + 1].double()).solution[:, 0]
+                        for c in range(3)], dim=1).float()
+
+
+def solve_albedo(pipeline: Pipeline, shading: list, residual: list, texels: list) -> torch.Tensor:
+    """Least-squares statistical albedo coefficients [n_albedo] with their N(0, 1) prior: per
+    image, the face pixels' ``shading`` (the image of a white diffuse surface, [k, 3]) times the
+    diffuse albedo at their ``texels`` [k] should be the ``residual`` [k, 3] (photo minus the
+    specular image)."""
+    model = pipeline.model
+    n = model.n_albedo
+    weights = pipeline.texels(pipeline.resolution)[0].weights
+    basis = model.diffuse_basis.permute(1, 2, 0).reshape(len(model.diffuse_mean), 3 * n).numpy()  # [verts, 3·n]
+    normal = torch.eye(n, dtype=torch.float64) * ALBEDO_PIXEL_SIGMA ** 2
+    right = torch.zeros(n, dtype=torch.float64)
+    for image_shading, image_residual, image_texels in zip(shading, residual, texels):
+        rows = weights[image_texels.numpy()]  # [k, verts]
+        at_pixels = torch.from_numpy(np.asarray(rows @ basis)).double().reshape(-1, 3, n)  # [k, 3, n]
+        mean = torch.from_numpy(rows @ model.diffuse_mean.numpy()).double()  # [k, 3]
+        design = (image_shading.double()[..., None] * at_pixels).reshape(-1, n)
+        target = (image_residual.double() - image_shading.double() * mean).reshape(-1)
+        normal += design.T @ design
+        right += design.T @ target
+    return torch.linalg.solve(normal, right).float()
+
+
+def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> SceneParameters:
+    """The SH light of every image (bands 0-2) and the statistical albedo of every identity for
+    the geometry of ``params``, by alternating least squares -> SceneParameters."""
+    params = params.detached()
+    with torch.no_grad():
+        vertices = pipeline.vertices(params)
+        focal = [float(f) for f in params.focal]
+        pixels = [face_pixels(pipeline, row, vertices[row], focal[row]) for row in range(params.n_images)]
+        photos = [photo[mask] for photo, (mask, _) in zip(targets.photos, pixels)]
+        params.sh = torch.zeros_like(params.sh)
+        for _ in range(SOLVE_ROUNDS):
+            for row in range(params.n_images):
+                maps = pipeline.maps(params, params.identity_row(row))
+                images = light_basis_images(pipeline, row, vertices[row], focal[row], maps, pixels[row][0])
+                params.sh[row, :solved_coefficients(pipeline.config)] = solve_light(images, photos[row])
+            for identity in range(params.identity.shape[0]):
+                rows = [row for row in range(params.n_images) if params.identity_row(row) == identity]
+                shading, residual = [], []
+                for row in rows:
+                    _, specular, roughness = pipeline.maps(params, identity)
+                    light = pipeline.envmap(params.sh[row:row + 1])[0]
+                    shading.append(pipeline.render_maps(row, vertices[row], focal[row], torch.ones_like(specular),
+                                                        torch.zeros_like(specular), roughness, light,
+                                                        SOLVE_SPP)[pixels[row][0]][:, :3])
+                    residual.append(photos[row] - pipeline.render_maps(
+                        row, vertices[row], focal[row], torch.zeros_like(specular), specular, roughness, light,
+                        SOLVE_SPP)[pixels[row][0]][:, :3])
+                params.albedo[identity] = solve_albedo(pipeline, shading, residual, [pixels[row][1] for row in rows])
+    return params
+
+
+
 # Adam step sizes of stage 2: coefficients in σ, rotation in radians, translation in mm, light
 # relative to its DC level.
-STAGE2_RATES = dict(geometry=0.02, albedo=0.02, rotation=0.002, translation=0.5, light=0.005)
+STAGE2_RATES = dict(geometry=0.02, albedo=0.02, rotation=0.002, translation=0.5, light=0.001)
 
 
 def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_progress=None) -> tuple:
@@ -327,8 +436,8 @@ def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
     ``on_progress(params, iteration)`` sees the parameters during the fit (debug images)."""
     config = pipeline.config
     params = params.detached()
-    if params.sh.abs().sum() == 0:
-        params.sh = pipeline.initial_light(params, targets.photos)
+    if params.sh.abs().sum() == 0:  # from stage 1: light and albedo by least squares
+        params = solve_appearance(pipeline, params, targets)
     trainable = [params.identity, params.expression, params.rotation, params.translation, params.albedo, params.sh]
     for tensor in trainable:
         tensor.requires_grad_(True)

@@ -229,7 +229,9 @@ def sparse_interpolation(vertices: np.ndarray, weights: np.ndarray, n_vertices: 
                                            torch.from_numpy(matrix.data.astype(np.float32)), matrix.shape,
                                            check_invariants=False)
     matrix, transposed = to_torch(forward), to_torch(forward.T.tocsr())
-    return lambda x: _SparseProduct.apply(matrix, transposed, x)
+    interpolate = lambda x: _SparseProduct.apply(matrix, transposed, x)
+    interpolate.weights = forward  # [m, n_vertices] scipy CSR, for least-squares solves
+    return interpolate
 
 
 class _SparseProduct(torch.autograd.Function):
@@ -359,15 +361,21 @@ class Pipeline:
                 config.envMapRes, config.device, config.integrator, crop)
         return self._renderers[row]
 
+    def render_maps(self, row: int, vertices: torch.Tensor, focal: float, diffuse: torch.Tensor,
+                    specular: torch.Tensor, roughness: torch.Tensor, envmap: torch.Tensor, spp: int,
+                    seed: int = 0) -> torch.Tensor:
+        """RGBA render [h, w, 4] of image row ``row`` with the given maps ([res, res, 3|3|1]) and
+        environment map ([rows, 2·rows, 3], or [1, 1, 3] for a uniform one)."""
+        normals = utils.vertex_normals(vertices[None], self.model.faces)[0]
+        envmap = envmap.expand(self.config.envMapRes, 2 * self.config.envMapRes, 3)
+        return self.renderer(row, vertices, focal).render(vertices, normals, diffuse, specular, roughness, envmap,
+                                                          focal, spp, seed, self.centres[row].tolist())
+
     def render(self, params: SceneParameters, row: int, spp: int, seed: int, vertices: torch.Tensor) -> torch.Tensor:
         """RGBA render [h, w, 4] (linear colour) of image row ``row`` with its camera-space
         ``vertices`` [verts, 3] (the fitted ones, or any others: a turntable's)."""
-        normals = utils.vertex_normals(vertices[None], self.model.faces)[0]
-        diffuse, specular, roughness = self.maps(params, params.identity_row(row))
-        envmap = self.envmap(params.sh[row:row + 1])[0]
-        focal = float(params.focal[row])
-        return self.renderer(row, vertices, focal).render(vertices, normals, diffuse, specular, roughness,
-                                                          envmap, focal, spp, seed, self.centres[row].tolist())
+        return self.render_maps(row, vertices, float(params.focal[row]), *self.maps(params, params.identity_row(row)),
+                                self.envmap(params.sh[row:row + 1])[0], spp, seed)
 
     def decode(self, params: SceneParameters) -> dict:
         """Everything the result writers need, computed once (no gradients):
