@@ -326,6 +326,8 @@ SOLVED_BANDS, SOLVE_ROUNDS, SOLVE_SPP = 3, 3, 32
 # Basis lights must stay positive (the renderer clips negative radiance): each is rendered on top
 # of POSITIVE_OFFSET times the uniform one, which is then taken off.
 POSITIVE_OFFSET = 3.0
+# Fewer face pixels than this in an image (a face a few pixels wide) and the start is a uniform light.
+MIN_SOLVE_PIXELS = 64
 # The albedo's Gaussian prior against the pixels' residual, as a pixel noise level (linear colour).
 ALBEDO_PIXEL_SIGMA = 0.2
 
@@ -401,6 +403,9 @@ def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targe
         vertices = pipeline.vertices(params)
         focal = [float(f) for f in params.focal]
         pixels = [face_pixels(pipeline, row, vertices[row], focal[row]) for row in range(params.n_images)]
+        if min(int(mask.sum()) for mask, _ in pixels) < MIN_SOLVE_PIXELS:  # too few to solve for: a uniform light
+            params.sh = pipeline.initial_light(params, targets.photos)
+            return params
         photos = [photo[mask] for photo, (mask, _) in zip(targets.photos, pixels)]
         params.sh = torch.zeros_like(params.sh)
         for _ in range(SOLVE_ROUNDS):

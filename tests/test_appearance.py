@@ -112,3 +112,12 @@ def test_photometric_steps_lower_the_error_of_a_perturbed_frame(small_bfm, rende
     before, after, floor = (fitting.photometric_error(scene, p, targets) for p in (start, fitted, truth))
     print(f'photometric steps: error {before:.4f} -> {after:.4f} (truth {floor:.4f})')
     assert after < before - 0.3 * (before - floor)  # measured: 44% of the way to the truth
+
+
+def test_a_face_too_small_to_solve_for_starts_under_a_uniform_light(fitted):
+    """A face a few pixels wide has too few pixels for the least squares: the start is the
+    uniform light that matches its mean colour."""
+    far = fitted['truth'].detached()
+    far.translation = torch.tensor([[0.0, 0.0, 8000.0]])
+    solved = fitting.solve_appearance(fitted['scene'], far, fitted['targets'])
+    assert torch.count_nonzero(solved.sh[0, 1:]) == 0 and float(solved.sh[0, 0].min()) > 0, solved.sh[0, :2]
