@@ -8,9 +8,11 @@ triangles, 199/100/145 components) in a child process (so that the peak memory p
 fit's), renders a synthetic input with known pose, expression, albedo and light, runs the three
 stages with the default config (optimConfig.ini) and prints per stage: iterations, median
 seconds per iteration, total time; the final render time; peak resident memory; and the
-accuracy reached (landmark error in px, photometric error next to that of the true parameters,
-vertex error in mm after rigid alignment). ``--profile`` prints where the time of stages 2 and
-3 goes instead of the accuracy; ``--cli`` times the whole command line (model loading, the
+accuracy reached (landmark error in px, photometric error after stages 2 and 3 next to that of
+the true parameters, vertex error in mm after rigid alignment). ``--detail`` gives the true
+diffuse map fine detail (spots, mottling) that the statistical albedo cannot express and only
+stage 3 can fit. ``--profile`` prints where the time of stages 2 and 3 goes instead of the
+accuracy; ``--cli`` times the whole command line (model loading, the
 three stages, all outputs) on the synthetic photo instead; ``--textures`` prints the time of
 stages 2 and 3 and of writing the outputs, and the peak memory, at 512, 1024 and 2048 texels;
 ``--video N ...`` the speed of finding and tracking the face in 640x360 clips of N frames, and
@@ -69,8 +71,20 @@ def write_model(folder: str) -> str:
     return info['association']
 
 
-def synthetic_problem(config, size: int):
-    """A synthetic photo of known parameters -> (model, truth, FitImage, Pipeline, Targets, true vertices)."""
+def skin_detail(resolution: int, seed: int = 0) -> torch.Tensor:
+    """Fine detail the statistical albedo cannot express, [res, res, 1] multiplicative, mean 1:
+    dark spots (freckles, pores) a few texels wide and a fine mottling."""
+    generator = torch.Generator().manual_seed(seed)
+    spots = (torch.rand(1, 1, resolution, resolution, generator=generator) < 0.004).float()
+    spots = torch.nn.functional.max_pool2d(spots, 5, stride=1, padding=2)  # 5-texel spots
+    mottling = torch.nn.functional.avg_pool2d(torch.randn(1, 1, resolution, resolution, generator=generator),
+                                              3, stride=1, padding=1)
+    return (1.0 - 0.45 * spots + 0.25 * mottling)[0].permute(1, 2, 0).clamp(0.3, 1.5)
+
+
+def synthetic_problem(config, size: int, detail: bool = False):
+    """A synthetic photo of known parameters -> (model, truth, FitImage, Pipeline, Targets, true
+    vertices). With ``detail`` the true diffuse map is the statistical albedo times ``skin_detail``."""
     model = modelFiles.load_model(config)
     generator = torch.Generator().manual_seed(0)
     truth = pipeline.SceneParameters.zeros(model, 1, 1, config.bands)
@@ -79,6 +93,11 @@ def synthetic_problem(config, size: int):
     truth.rotation, truth.translation = torch.tensor([[0.1, 0.35, 0.05]]), torch.tensor([[5.0, 10.0, 900.0]])
     truth.focal, truth.albedo = torch.tensor([size * 3.0]), 0.7 * torch.randn(1, model.n_albedo, generator=generator)
     truth.sh[0, 0], truth.sh[0, 1], truth.sh[0, 2] = 2.5, 0.8, 1.2
+    if detail:
+        scene = pipeline.Pipeline(model, config, [(size, size)])
+        diffuse, specular, roughness = scene.maps(truth, 0)
+        truth.diffuse_map = (diffuse * skin_detail(diffuse.shape[0])).clamp(0, 1)[None]
+        truth.specular_map, truth.roughness_map = specular[None], roughness[None]
     image, scene, targets, vertices = synthetic.synthetic_photo(model, truth, config, size, background=0.2)
     return model, truth, image, scene, targets, vertices.numpy()
 
@@ -191,6 +210,9 @@ def main() -> None:
     parser.add_argument('--spp', type=int, default=8)
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override a config key')
     parser.add_argument('--profile', action='store_true', help='profile stages 2 and 3')
+    parser.add_argument('--detail', action='store_true',
+                        help='the true diffuse map is the statistical albedo with fine detail (spots, mottling) '
+                             'that only stage 3 can fit')
     parser.add_argument('--cli', action='store_true',
                         help='time the whole command line (optimizer.py) on the synthetic photo instead')
     parser.add_argument('--textures', action='store_true',
@@ -217,7 +239,7 @@ def main() -> None:
     if args.textures:
         compare_texture_resolutions(config, args, folder)
         return
-    model, truth, image, scene, targets, true_vertices = synthetic_problem(config, args.size)
+    model, truth, image, scene, targets, true_vertices = synthetic_problem(config, args.size, args.detail)
     print(f'model: {model.mean_shape.shape[0]} vertices, {model.faces.shape[0]} triangles, '
           f'{model.n_shape}/{model.n_expression}/{model.n_albedo} components; {args.size} px, '
           f'{config.rtTrainingSamples} spp, device {args.device}, {torch.get_num_threads()} torch threads')
@@ -234,6 +256,7 @@ def main() -> None:
         profile.enable()
     (params, history), seconds = timed(lambda: fitting.fit_stage2(scene, params, targets))
     rows.append(stage_row('stage 2', history, seconds))
+    after_stage2 = params
     (params, history), seconds = timed(lambda: fitting.fit_stage3(scene, params, targets))
     rows.append(stage_row('stage 3', history, seconds))
     if profile:
@@ -254,7 +277,8 @@ def main() -> None:
         fitted_vertices = scene.vertices(params)[0].numpy()
     print(f'landmark error: stage 1 {lm1:.2f} px, final {landmark_error(params):.2f} px')
     print(f'photometric error (L1, linear): {fitting.photometric_error(scene, params, targets):.4f} '
-          f'(true parameters: {fitting.photometric_error(scene, truth, targets):.4f})')
+          f'(after stage 2: {fitting.photometric_error(scene, after_stage2, targets):.4f}; '
+          f'true parameters: {fitting.photometric_error(scene, truth, targets):.4f})')
     print(f'vertex error after rigid alignment: {rigid_vertex_error(fitted_vertices, true_vertices):.2f} mm')
 
 
