@@ -351,8 +351,8 @@ def light_basis_images(pipeline: Pipeline, row: int, vertices: torch.Tensor, foc
                        mask: torch.Tensor) -> torch.Tensor:
     """The face pixels under each of the first SOLVED_BANDS² SH basis lights (white), with
     reflectance ``maps`` -> [k, bands², 3]."""
-    k = solved_coefficients(pipeline.config)
-    basis = pipeline.envmap.basis[..., :k] * pipeline.envmap.window[:k]
+    count = solved_coefficients(pipeline.config)
+    basis = pipeline.envmap.basis[..., :count] * pipeline.envmap.window[:count]
     render = lambda light: pipeline.render_maps(row, vertices, focal, *maps, light[..., None].expand(-1, -1, 3),
                                                 SOLVE_SPP)[mask][:, :3]
     uniform = render(basis[..., 0])
@@ -395,6 +395,17 @@ def solve_albedo(pipeline: Pipeline, shading: list, residual: list, texels: list
     return torch.linalg.solve(normal, right).float()
 
 
+def diffuse_and_specular_images(pipeline: Pipeline, params: SceneParameters, row: int, vertices: torch.Tensor,
+                                focal: float, mask: torch.Tensor) -> tuple:
+    """The face pixels of image row ``row`` under its light: of a white diffuse face (no
+    specular), and of its specular reflection alone (no diffuse) -> ([k, 3], [k, 3])."""
+    _, specular, roughness = pipeline.maps(params, params.identity_row(row))
+    light = pipeline.envmap(params.sh[row:row + 1])[0]
+    render = lambda diffuse_map, specular_map: pipeline.render_maps(row, vertices, focal, diffuse_map, specular_map,
+                                                                    roughness, light, SOLVE_SPP)[mask][:, :3]
+    return render(torch.ones_like(specular), torch.zeros_like(specular)), render(torch.zeros_like(specular), specular)
+
+
 def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> SceneParameters:
     """The SH light of every image (bands 0-2) and the statistical albedo of every identity for
     the geometry of ``params``, by alternating least squares -> SceneParameters."""
@@ -415,16 +426,9 @@ def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targe
                 params.sh[row, :solved_coefficients(pipeline.config)] = solve_light(images, photos[row])
             for identity in range(params.identity.shape[0]):
                 rows = [row for row in range(params.n_images) if params.identity_row(row) == identity]
-                shading, residual = [], []
-                for row in rows:
-                    _, specular, roughness = pipeline.maps(params, identity)
-                    light = pipeline.envmap(params.sh[row:row + 1])[0]
-                    shading.append(pipeline.render_maps(row, vertices[row], focal[row], torch.ones_like(specular),
-                                                        torch.zeros_like(specular), roughness, light,
-                                                        SOLVE_SPP)[pixels[row][0]][:, :3])
-                    residual.append(photos[row] - pipeline.render_maps(
-                        row, vertices[row], focal[row], torch.zeros_like(specular), specular, roughness, light,
-                        SOLVE_SPP)[pixels[row][0]][:, :3])
+                shading, specular = zip(*(diffuse_and_specular_images(pipeline, params, row, vertices[row], focal[row],
+                                                                      pixels[row][0]) for row in rows))
+                residual = [photos[row] - image for row, image in zip(rows, specular)]
                 params.albedo[identity] = solve_albedo(pipeline, shading, residual, [pixels[row][1] for row in rows])
     return params
 
