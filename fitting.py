@@ -335,8 +335,7 @@ ALBEDO_PIXEL_SIGMA = 0.2
 def face_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: float) -> tuple:
     """The pixels of image row ``row`` the face covers -> (mask [h, w] bool, their texel indices
     [k] into the fitted maps (row-major, row 0 at v = 1))."""
-    renderer = pipeline.renderer(row, vertices, focal)
-    uv = renderer.uv_image(vertices, focal, pipeline.centres[row].tolist())
+    uv = pipeline.uv_image(row, vertices, focal)
     with torch.no_grad():
         alpha = pipeline.render_maps(row, vertices, focal, *[torch.ones(pipeline.resolution, pipeline.resolution, c)
                                                               for c in (3, 3, 1)], torch.ones(1, 1, 3), 4)[..., 3]
