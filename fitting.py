@@ -3,13 +3,14 @@
 Stage 1 fits pose, expression and focal length to the 2D landmarks (Levenberg-Marquardt).
 Stage 2 fits identity, expression, statistical albedo, pose and SH light to the photos through the
 ray tracer (Adam). Stage 3 refines per-texel diffuse, specular and roughness maps.
-Every stage takes and returns ``SceneParameters`` and a history of its steps (loss terms by
-name and the seconds each step took).
+Every stage takes and returns ``SceneParameters`` (on the CPU) and a history of its steps (loss
+terms by name and the seconds each step took); stages 2 and 3 run on the pipeline's device (the
+GPU with ``device = 'cuda'``: model, renders and gradients stay there).
 """
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -51,6 +52,11 @@ class Targets:
             landmarks=torch.from_numpy(np.nan_to_num(points, nan=0.0)).float(),
             landmark_weights=torch.from_numpy(usable * landmarks_module.LANDMARK_WEIGHTS).float(),
             sizes=list(sizes), centres=image_centres(sizes), photos=[])
+
+    def to(self, device) -> 'Targets':
+        """The same targets with every tensor on ``device``."""
+        return replace(self, landmarks=self.landmarks.to(device), landmark_weights=self.landmark_weights.to(device),
+                       centres=self.centres.to(device), photos=[photo.to(device) for photo in self.photos])
 
     @property
     def landmark_usable(self) -> torch.Tensor:
@@ -303,7 +309,7 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
                 project()
         if iteration % 10 == 0:
             good = [t.detach().clone() for t in tensors]
-        values = {name: float(term.detach()) for name, term in terms.items()}
+        values = dict(zip(terms, torch.stack([term.detach() for term in terms.values()]).tolist()))  # one GPU sync
         history.append(dict(values, seconds=time.perf_counter() - start))
         if on_progress is not None and config.debugFrequency > 0 and (
                 iteration % config.debugFrequency == 0 or iteration == iterations - 1):
@@ -451,6 +457,7 @@ def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
     params = params.detached()
     if params.sh.abs().sum() == 0:  # from stage 1: light and albedo by least squares
         params = solve_appearance(pipeline, params, targets)
+    params, targets = params.to(pipeline.device), targets.to(pipeline.device)
     trainable = [params.identity, params.expression, params.rotation, params.translation, params.albedo, params.sh]
     for tensor in trainable:
         tensor.requires_grad_(True)
@@ -477,7 +484,7 @@ def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
     history = adam_loop('stage 2', groups, loss_terms, config.iterStep2, config,
                         on_progress and (lambda k: on_progress(params, k)),
                         bounds and (lambda: params.expression.clamp_(*bounds)))
-    params = params.detached()
+    params = params.detached().to('cpu')
     params.stage = 2
     return params, history
 
@@ -554,7 +561,7 @@ def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
     statistical albedo, with symmetry, consistency and smoothness regularizers; the geometry
     stays as stage 2 left it -> (SceneParameters, history)."""
     config = pipeline.config
-    params = params.detached()
+    params, targets = params.detached().to(pipeline.device), targets.to(pipeline.device)
     identities = params.identity.shape[0]
     start = [pipeline.maps(params, k) for k in range(identities)]
     params.diffuse_map, params.specular_map, params.roughness_map = (
@@ -580,7 +587,7 @@ def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
 
     history = adam_loop('stage 3', groups, loss_terms, config.iterStep3, config,
                         on_progress and (lambda k: on_progress(params, k)))
-    params = params.detached()
+    params = params.detached().to('cpu')
     with torch.no_grad():
         params.diffuse_map.clamp_(0, 1)
         params.specular_map.clamp_(0, 1)

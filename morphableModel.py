@@ -71,6 +71,20 @@ class HeadMesh:
         """[n, n_shape], [n, n_expr] -> vertices [n, verts, 3] in the canonical frame."""
         return linear_shape(self.mean_shape, self.shape_basis, self.expression_basis, identity, expression)
 
+    def to(self, device) -> 'HeadMesh':
+        """A copy with every tensor on ``device``."""
+        return tensors_to(self, device)
+
+
+def tensors_to(record, device):
+    """A copy of the dataclass ``record`` with its tensor fields (and those of dataclass fields)
+    on ``device``."""
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        return value.to(device) if dataclasses.is_dataclass(value) and hasattr(value, 'to') else value
+    return dataclasses.replace(record, **{f.name: move(getattr(record, f.name)) for f in dataclasses.fields(record)})
+
 
 @dataclass
 class MorphableModel:
@@ -132,17 +146,16 @@ class MorphableModel:
         """[n, n_albedo] -> per-vertex specular albedo [n, verts, 3]."""
         return self.specular_mean + torch.einsum('nk,kvc->nvc', albedo_coeffs, self.specular_basis)
 
+    def to(self, device) -> 'MorphableModel':
+        """A copy with every tensor on ``device``."""
+        return tensors_to(self, device)
+
     def trimmed(self, n_shape: int, n_albedo: int) -> 'MorphableModel':
         """Keep the first components only (NextFace's ``trimPca``)."""
         head = None if self.head is None else dataclasses.replace(self.head, shape_basis=self.head.shape_basis[:n_shape])
         return dataclasses.replace(
             self, shape_basis=self.shape_basis[:n_shape], head=head,
             diffuse_basis=self.diffuse_basis[:n_albedo], specular_basis=self.specular_basis[:n_albedo])
-
-    def to(self, device) -> 'MorphableModel':
-        return dataclasses.replace(self, **{
-            f.name: getattr(self, f.name).to(device)
-            for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 # --------------------------------------------------------------------------- the UV map

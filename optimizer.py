@@ -332,7 +332,7 @@ def debug_writer(output: str, pipeline: Pipeline, images: list[FitImage], stage:
         with torch.no_grad():
             vertices = pipeline.vertices(params)
             for row, image in enumerate(images):
-                rendered = pipeline.render(params, row, 16, iteration, vertices[row]).numpy()
+                rendered = pipeline.render(params, row, 16, iteration, vertices[row]).cpu().numpy()
                 path = os.path.join(output, 'debug', f'stage{stage}_image{image.index}_{iteration:04d}.png')
                 results.write_debug_image(path, image.pixels, rendered)
     return write

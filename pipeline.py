@@ -122,6 +122,10 @@ class SceneParameters:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name != 'stage' and (with_none or getattr(self, f.name) is not None)}
 
+    def to(self, device) -> 'SceneParameters':
+        """The same parameters with every tensor on ``device`` (those already there not copied)."""
+        return SceneParameters(**{k: v.to(device) for k, v in self.tensors().items()}, stage=self.stage)
+
     def detached(self) -> 'SceneParameters':
         """A copy that shares no autograd graph with this one."""
         return SceneParameters(**{k: v.detach().clone() for k, v in self.tensors().items()}, stage=self.stage)
@@ -210,10 +214,10 @@ def texel_interpolation(uvs: np.ndarray, uv_faces: np.ndarray, faces: np.ndarray
     return vertices, weights, inside
 
 
-def sparse_interpolation(vertices: np.ndarray, weights: np.ndarray, n_vertices: int):
+def sparse_interpolation(vertices: np.ndarray, weights: np.ndarray, n_vertices: int, device='cpu'):
     """The interpolation of ``texel_interpolation`` (vertices and weights [m, 3]) as a
     differentiable function: per-vertex values x [n_vertices, c] -> texels [m, c]. A sparse CSR
-    product (int32 indices), its transpose kept in CSR for the backward pass: torch's own backward
+    product (int32 indices) on ``device``, its transpose kept in CSR for the backward pass: torch's own backward
     of a sparse product converts on every call (0.10 s per call for a 512² map of 28.8k vertices
     on this project's CPU)."""
     m = len(vertices)
@@ -227,7 +231,7 @@ def sparse_interpolation(vertices: np.ndarray, weights: np.ndarray, n_vertices: 
             return torch.sparse_csr_tensor(torch.from_numpy(matrix.indptr.astype(np.int32)),
                                            torch.from_numpy(matrix.indices.astype(np.int32)),
                                            torch.from_numpy(matrix.data.astype(np.float32)), matrix.shape,
-                                           check_invariants=False)
+                                           check_invariants=False).to(device)
     matrix, transposed = to_torch(forward), to_torch(forward.T.tocsr())
     interpolate = lambda x: _SparseProduct.apply(matrix, transposed, x)
     interpolate.weights = forward  # [m, n_vertices] scipy CSR, for least-squares solves
@@ -254,25 +258,39 @@ class Pipeline:
 
     ``sizes`` [(w, h)] are the fitted images' sizes: one renderer per image, built on its first
     render. One per image, as prb's backward pass re-reads the scene's parameters: a scene
-    shared by two renders of one loss would differentiate the first with the second's."""
+    shared by two renders of one loss would differentiate the first with the second's.
+
+    Every method works on the device of the parameters it is given: the fit's stages move them
+    to ``device`` (the GPU with ``device = 'cuda'``), the result writers hand them on the CPU;
+    the model and the UV interpolation are copied to each device once."""
 
     def __init__(self, model: MorphableModel, config: Config, sizes: list, crop_to_face: bool = True):
         self.model, self.config, self.sizes = model, config, list(sizes)
+        self.device = compute_device(config)
         self.centres = image_centres(self.sizes)  # [n, 2]
         self.crop_to_face = crop_to_face  # ray trace only around the face (see ``renderer``)
-        self._renderers, self._texel_maps = {}, {}
+        self._renderers, self._texel_maps, self._models = {}, {}, {model.mean_shape.device: model}
         self.resolution = fitted_texture_resolution(config)  # of the maps that are fitted and rendered
         self.envmap = EnvironmentMap(config.bands, config.envMapRes, config.smoothSh)
 
+    def model_on(self, device: torch.device) -> MorphableModel:
+        """The model with its tensors on ``device`` (a tensor's ``.device``), copied there once."""
+        if device not in self._models:
+            self._models[device] = self.model.to(device)
+        return self._models[device]
+
     # textures
-    def texels(self, resolution: int) -> tuple:
-        """The UV interpolation at ``resolution``, built once: (per-vertex values [verts, c] ->
-        texels [res·res, c], mask of the texels inside the UV map [res, res])."""
-        if resolution not in self._texel_maps:
-            vertices, weights, mask = texel_interpolation(self.model.uvs.numpy(), self.model.uv_faces.numpy(),
-                                                          self.model.faces.numpy(), resolution)
-            self._texel_maps[resolution] = sparse_interpolation(vertices, weights, len(self.model.mean_shape)), mask
-        return self._texel_maps[resolution]
+    def texels(self, resolution: int, device: torch.device = torch.device('cpu')) -> tuple:
+        """The UV interpolation at ``resolution`` on ``device``, built once: (per-vertex values
+        [verts, c] -> texels [res·res, c], mask of the texels inside the UV map [res, res])."""
+        if (resolution, device) not in self._texel_maps:
+            if resolution not in self._texel_maps:
+                self._texel_maps[resolution] = texel_interpolation(
+                    self.model.uvs.numpy(), self.model.uv_faces.numpy(), self.model.faces.numpy(), resolution)
+            vertices, weights, mask = self._texel_maps[resolution]
+            self._texel_maps[resolution, device] = (
+                sparse_interpolation(vertices, weights, len(self.model.mean_shape), device), mask)
+        return self._texel_maps[resolution, device]
 
     @property
     def texel_mask(self) -> np.ndarray:
@@ -287,25 +305,27 @@ class Pipeline:
     # geometry
     def vertices(self, params: SceneParameters) -> torch.Tensor:
         """Camera-space vertices [n, verts, 3] of every image."""
-        return model_vertices(self.model, params)
+        return model_vertices(self.model_on(params.identity.device), params)
 
     def landmarks(self, params: SceneParameters, vertices: torch.Tensor) -> torch.Tensor:
         """The model's 68 landmarks in pixels [n, 68, 2] (rows of iBUG points without a vertex
         hold vertex 0: weigh them out with ``fitting.Targets.landmark_weights``)."""
-        return project(vertices[:, self.model.landmark_vertices.clamp_min(0)], params.focal, self.centres)
+        index = self.model_on(vertices.device).landmark_vertices.clamp_min(0)
+        return project(vertices[:, index], params.focal, self.centres.to(vertices.device))
 
     # reflectance and light
     def vertex_texture(self, values: torch.Tensor, resolution: int = None) -> torch.Tensor:
         """Per-vertex values [verts, c] -> UV map [res, res, c] (res: the fitted maps', unless given)."""
         resolution = resolution or self.resolution
-        return self.texels(resolution)[0](values).reshape(resolution, resolution, -1)
+        return self.texels(resolution, values.device)[0](values).reshape(resolution, resolution, -1)
 
     def statistical_maps(self, params: SceneParameters, identity: int, resolution: int = None) -> tuple:
         """The diffuse and specular maps [res, res, 3] of the statistical albedo of identity row
         ``identity``."""
         coefficients = params.albedo[identity:identity + 1]
-        diffuse = self.model.diffuse_albedo(coefficients)[0].clamp(0, 1)
-        specular = self.model.specular_albedo(coefficients)[0].clamp(0, 1)
+        model = self.model_on(coefficients.device)
+        diffuse = model.diffuse_albedo(coefficients)[0].clamp(0, 1)
+        specular = model.specular_albedo(coefficients)[0].clamp(0, 1)
         return self.vertex_texture(diffuse, resolution), self.vertex_texture(specular, resolution)
 
     def maps(self, params: SceneParameters, identity: int) -> tuple:
@@ -315,7 +335,7 @@ class Pipeline:
         if params.diffuse_map is not None:
             return params.diffuse_map[identity], params.specular_map[identity], params.roughness_map[identity]
         diffuse, specular = self.statistical_maps(params, identity)
-        return diffuse, specular, torch.full((*diffuse.shape[:2], 1), INITIAL_ROUGHNESS)
+        return diffuse, specular, torch.full((*diffuse.shape[:2], 1), INITIAL_ROUGHNESS, device=diffuse.device)
 
     def export_maps(self, params: SceneParameters, identity: int) -> tuple:
         """``maps`` at textureResolution: the fitted per-texel maps resampled to it, or the
@@ -323,7 +343,7 @@ class Pipeline:
         resolution = self.config.textureResolution
         if params.diffuse_map is None:
             diffuse, specular = self.statistical_maps(params, identity, resolution)
-            return diffuse, specular, torch.full((resolution, resolution, 1), INITIAL_ROUGHNESS)
+            return diffuse, specular, torch.full((resolution, resolution, 1), INITIAL_ROUGHNESS, device=diffuse.device)
         return tuple(resize_map(texture, resolution) for texture in self.maps(params, identity))
 
     def initial_light(self, params: SceneParameters, photos: list) -> torch.Tensor:
@@ -336,7 +356,7 @@ class Pipeline:
                 rendered = self.render(params, row, spp=4, seed=0, vertices=vertices[row])
             alpha = rendered[..., 3:] > 0.5
             photo_mean = (photo * alpha).sum((0, 1)) / alpha.sum().clamp_min(1)
-            albedo_mean = self.model.diffuse_mean.mean(0)
+            albedo_mean = self.model_on(photo_mean.device).diffuse_mean.mean(0)
             lights.append(constant_light(self.config.bands, photo_mean / albedo_mean.clamp_min(0.05)))
         return torch.stack(lights)
 
@@ -349,7 +369,7 @@ class Pipeline:
             width, height = self.sizes[row]
             crop = None
             if vertices is not None and self.crop_to_face:
-                pixels = project(vertices.detach()[None], torch.tensor([focal]), self.centres[row:row + 1])[0]
+                pixels = project(vertices.detach().cpu()[None], torch.tensor([focal]), self.centres[row:row + 1])[0]
                 margin = FACE_CROP_MARGIN * max(width, height)
                 low = torch.floor(pixels.min(0).values - margin).clamp_min(0)
                 high = torch.ceil(pixels.max(0).values + margin).clamp_max(torch.tensor([width, height]))
@@ -366,7 +386,7 @@ class Pipeline:
                     seed: int = 0) -> torch.Tensor:
         """RGBA render [h, w, 4] of image row ``row`` with the given maps ([res, res, 3|3|1]) and
         environment map ([rows, 2·rows, 3], or [1, 1, 3] for a uniform one)."""
-        normals = utils.vertex_normals(vertices[None], self.model.faces)[0]
+        normals = utils.vertex_normals(vertices[None], self.model_on(vertices.device).faces)[0]
         envmap = envmap.expand(self.config.envMapRes, 2 * self.config.envMapRes, 3)
         return self.renderer(row, vertices, focal).render(vertices, normals, diffuse, specular, roughness, envmap,
                                                           focal, spp, seed, self.centres[row].tolist())
@@ -432,6 +452,13 @@ class Pipeline:
     def uv_image(self, row: int, vertices: torch.Tensor, focal: float) -> torch.Tensor:
         """The texture coordinate seen by each pixel of image row ``row`` [h, w, 2] (v up)."""
         return self.renderer(row, vertices, focal).uv_image(vertices, focal, self.centres[row].tolist())
+
+
+def compute_device(config: Config) -> torch.device:
+    """Where the fit's tensors live: the GPU with ``device = 'cuda'`` where one is usable, else the CPU."""
+    if config.device == 'cuda' and torch.cuda.is_available():
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
 
 
 def fitted_texture_resolution(config: Config) -> int:

@@ -86,7 +86,7 @@ class FaceRenderer:
         mi = self.mi = mitsuba(device)
         self.torch_device = 'cuda' if device == 'cuda' else 'cpu'
         geometry_index, uv_index, triangles = render_vertex_layout(faces.cpu().numpy(), uv_faces.cpu().numpy())
-        self.geometry_index = torch.from_numpy(geometry_index).to(faces.device)
+        self.geometry_index = torch.from_numpy(geometry_index).to(self.torch_device)
         self.width, self.height = width, height
         self.crop = tuple(int(c) for c in crop) if crop is not None else (0, 0, width, height)
         uv = uvs.cpu().numpy()[uv_index].astype(np.float32)
@@ -168,7 +168,8 @@ class FaceRenderer:
     def _geometry_changed(self, vertices: torch.Tensor) -> bool:
         """Whether ``vertices`` differ from the last render's (always, when they carry gradients)."""
         same = (not vertices.requires_grad and self._last_vertices is not None
-                and self._last_vertices.shape == vertices.shape and torch.equal(self._last_vertices, vertices))
+                and self._last_vertices.shape == vertices.shape and self._last_vertices.device == vertices.device
+                and torch.equal(self._last_vertices, vertices))
         self._last_vertices = None if vertices.requires_grad else vertices.detach().clone()
         return not same
 
@@ -180,15 +181,14 @@ class FaceRenderer:
         ``centre`` (default: the image's centre) -> RGBA image [height, width, 4], empty outside
         the crop."""
         self.set_camera(focal, centre)
-        to_render = lambda t: t[self.geometry_index].contiguous().float()
-        texture = lambda t: t.contiguous().float()  # row 0 is v = 1 for both, see __init__
+        # The inputs go to the ray tracer's device (no copy where the fit's tensors are there
+        # already); the copies there and back are differentiable.
+        to_render = lambda t: t.to(self.torch_device)[self.geometry_index].contiguous().float()
+        texture = lambda t: t.to(self.torch_device).contiguous().float()  # row 0 is v = 1 for both, see __init__
         wrap = self.envmap_width - envmap.shape[1]
         envmap = torch.cat([envmap, envmap[:, :wrap]], dim=1) if wrap > 0 else envmap
         inputs = (to_render(vertices), to_render(normals), 2 * texture(diffuse_map), 2 * texture(specular_map),
-                  texture(roughness_map.clamp(0.01, 1.0)), envmap.clamp_min(0).contiguous().float())
-        # The fit's tensors live on the CPU; with cuda_ad_rgb only the ray tracing runs on the GPU,
-        # and the copies there and back are differentiable.
-        inputs = tuple(t.to(self.torch_device) for t in inputs)
+                  texture(roughness_map.clamp(0.01, 1.0)), texture(envmap.clamp_min(0)))
         new_geometry = self._geometry_changed(vertices)
         differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         passes = 1 if differentiated else math.ceil(spp / MAX_SPP_PER_PASS)
@@ -209,7 +209,7 @@ class FaceRenderer:
         """Put ``vertices`` [verts, 3] into the scene outside a differentiable render."""
         self._last_vertices = None
         self.params[self.keys['positions']] = self.mi.Float(
-            vertices[self.geometry_index].detach().float().cpu().numpy().reshape(-1))
+            vertices.detach().to(self.torch_device)[self.geometry_index].float().cpu().numpy().reshape(-1))
         self.params.update()
 
     def visible_from_camera(self, vertices: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -69,13 +69,18 @@ def smoothing_window(bands: int) -> torch.Tensor:
 class EnvironmentMap:
     """SH coefficients [n, bands², 3] -> lat-long radiance maps [n, rows, 2·rows, 3], differentiable."""
 
-    def __init__(self, bands: int, rows: int, smooth: bool, device='cpu'):
+    def __init__(self, bands: int, rows: int, smooth: bool):
         self.bands, self.rows = bands, rows
-        self.basis = sh_basis(envmap_directions(rows), bands).to(device)  # [rows, 2·rows, bands²]
-        self.window = (smoothing_window(bands) if smooth else torch.ones(bands ** 2)).to(device)
+        self.basis = sh_basis(envmap_directions(rows), bands)  # [rows, 2·rows, bands²]
+        self.window = smoothing_window(bands) if smooth else torch.ones(bands ** 2)  # [bands²]
+        self._on_device = {self.basis.device: (self.basis, self.window)}
 
     def __call__(self, sh: torch.Tensor) -> torch.Tensor:
-        return torch.einsum('hwk,nkc->nhwc', self.basis, sh * self.window[None, :, None])
+        """[n, bands², 3] -> [n, rows, 2·rows, 3] on the device of ``sh``."""
+        if sh.device not in self._on_device:
+            self._on_device[sh.device] = (self.basis.to(sh.device), self.window.to(sh.device))
+        basis, window = self._on_device[sh.device]
+        return torch.einsum('hwk,nkc->nhwc', basis, sh * window[None, :, None])
 
 
 def constant_light(bands: int, radiance) -> torch.Tensor:
