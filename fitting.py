@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
+import scipy.ndimage
 import torch
 from tqdm import tqdm
 
@@ -20,7 +21,8 @@ import landmarks as landmarks_module
 from config import Config
 from morphableModel import MorphableModel
 from photos import FitImage
-from pipeline import Pipeline, SceneParameters, axis_angle_from_matrix, image_centres, project, to_camera
+from pipeline import (INITIAL_ROUGHNESS, Pipeline, SceneParameters, axis_angle_from_matrix, image_centres, project,
+                      to_camera)
 
 
 class FitError(RuntimeError):
@@ -35,6 +37,7 @@ class Targets:
     sizes: list                     # [(w, h)] of the fitted images
     centres: torch.Tensor           # [n, 2] image centres (w/2, h/2)
     photos: list                    # [h, w, 3] per image, linear colour
+    left_out: list = None           # [h, w] bool per image: pixels the face cannot explain (see ``unexplained_pixels``)
 
     @staticmethod
     def of(model: MorphableModel, images: list[FitImage]) -> 'Targets':
@@ -56,7 +59,15 @@ class Targets:
     def to(self, device) -> 'Targets':
         """The same targets with every tensor on ``device``."""
         return replace(self, landmarks=self.landmarks.to(device), landmark_weights=self.landmark_weights.to(device),
-                       centres=self.centres.to(device), photos=[photo.to(device) for photo in self.photos])
+                       centres=self.centres.to(device), photos=[photo.to(device) for photo in self.photos],
+                       left_out=self.left_out and [mask.to(device) for mask in self.left_out])
+
+    def pixel_weights(self, row: int) -> torch.Tensor:
+        """[h, w] 1 where the photometric loss counts the pixels of image row ``row``, 0 where they are left out."""
+        photo = self.photos[row]
+        if self.left_out is None:
+            return torch.ones(photo.shape[:2], device=photo.device)
+        return (~self.left_out[row]).float()
 
     @property
     def landmark_usable(self) -> torch.Tensor:
@@ -243,10 +254,12 @@ def fit_landmarks(model: MorphableModel, targets: Targets, config: Config, share
 
 # ------------------------------------------------------------------------------- the losses
 
-def photometric_loss(rendered: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
+def photometric_loss(rendered: torch.Tensor, photo: torch.Tensor, weights: torch.Tensor = None) -> torch.Tensor:
     """Mean L1 distance over the pixels the face covers (linear colour); rendered [h, w, 4],
-    photo [h, w, 3]."""
+    photo [h, w, 3], pixel ``weights`` [h, w] (0: left out; default all 1)."""
     alpha = rendered[..., 3:].detach()
+    if weights is not None:
+        alpha = alpha * weights[..., None]
     return (alpha * (rendered[..., :3] - photo).abs()).sum() / (3 * alpha.sum().clamp_min(1.0))
 
 
@@ -260,7 +273,8 @@ def photometric_error(pipeline: Pipeline, params: SceneParameters, targets: Targ
     """Mean L1 error (linear colour) over the face pixels, averaged over the images."""
     with torch.no_grad():
         vertices = pipeline.vertices(params)
-        return float(np.mean([float(photometric_loss(pipeline.render(params, row, spp, 999, vertices[row]), photo))
+        return float(np.mean([float(photometric_loss(pipeline.render(params, row, spp, 999, vertices[row]), photo,
+                                                     targets.pixel_weights(row)))
                               for row, photo in enumerate(targets.photos)]))
 
 
@@ -324,11 +338,21 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
 
 # The start of stage 2: for the stage-1 geometry, the image is linear in the SH light (for fixed
 # reflectance) and in the statistical albedo (for fixed light), so both are solved by least
-# squares on a few renders of many samples, alternating, instead of being left to Adam's noisy
-# steps (which, from a uniform light and the mean albedo, never found the albedo: its error stayed
-# at that of the mean). Bands 0-2 of the light are solved (they hold almost all the shading of a
-# convex object); the higher bands start at 0.
-SOLVED_BANDS, SOLVE_ROUNDS, SOLVE_SPP = 3, 3, 32
+# squares instead of being left to Adam's noisy steps (which, from a uniform light and the mean
+# albedo, never found the albedo: its error stayed at that of the mean). A face pixel is
+#     photo = diffuse albedo · Σ_k D_k c_k + specular albedo · Σ_k S_k c_k
+# with D_k, S_k the pixel under SH basis light k of a white diffuse face and of a white specular
+# one (rendered once, SOLVE_SPP samples), c the light, and both albedos linear in the statistical
+# albedo coefficients at the pixel's texel. Light and albedo are solved in turn, SOLVE_ROUNDS
+# times, each a weighted least squares whose weights (iteratively reweighted, Tukey's biweight)
+# leave out the pixels that the face cannot explain (outlierThreshold). Robust weights need a
+# robust start: the first is a uniform light, the median ratio of photo to mean face (a plain
+# least-squares light bent itself to a dark microphone at the chin, and the weights kept it).
+# Bands 0-2 of the light are solved (they hold almost all the shading of a convex object); the
+# higher bands start at 0.
+SOLVED_BANDS, SOLVE_ROUNDS, SOLVE_SPP = 3, 12, 32
+# Alternations of a light's colour and its SH pattern (``solve_light``).
+LIGHT_COLOUR_ROUNDS = 4
 # Basis lights must stay positive (the renderer clips negative radiance): each is rendered on top
 # of POSITIVE_OFFSET times the uniform one, which is then taken off.
 POSITIVE_OFFSET = 3.0
@@ -336,6 +360,16 @@ POSITIVE_OFFSET = 3.0
 MIN_SOLVE_PIXELS = 64
 # The albedo's Gaussian prior against the pixels' residual, as a pixel noise level (linear colour).
 ALBEDO_PIXEL_SIGMA = 0.2
+
+
+@dataclass
+class SolvePixels:
+    """The face pixels of one image as the least squares see them (k pixels, b = bands² solved)."""
+    photo: torch.Tensor     # [k, 3] linear colour
+    diffuse: torch.Tensor   # [k, b, 3] D_k: a white diffuse face under each basis light
+    specular: torch.Tensor  # [k, b, 3] S_k: a white specular face under each basis light
+    diffuse_albedo: tuple   # (mean [k, 3], basis [k, 3, n_albedo]) of the diffuse albedo at the pixels
+    specular_albedo: tuple  # the same for the specular albedo
 
 
 def face_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: float) -> tuple:
@@ -354,8 +388,8 @@ def face_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: flo
 
 def light_basis_images(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: float, maps: tuple,
                        mask: torch.Tensor) -> torch.Tensor:
-    """The face pixels under each of the first SOLVED_BANDS² SH basis lights (white), with
-    reflectance ``maps`` -> [k, bands², 3]."""
+    """The face pixels ``mask`` [h, w] under each of the first SOLVED_BANDS² SH basis lights
+    (white), with reflectance ``maps`` -> [k, bands², 3]."""
     count = solved_coefficients(pipeline.config)
     basis = pipeline.envmap.basis[..., :count] * pipeline.envmap.window[:count]
     render = lambda light: pipeline.render_maps(row, vertices, focal, *maps, light[..., None].expand(-1, -1, 3),
@@ -371,72 +405,195 @@ def solved_coefficients(config: Config) -> int:
     return min(SOLVED_BANDS, config.bands) ** 2
 
 
-def solve_light(basis_images: torch.Tensor, photo: torch.Tensor) -> torch.Tensor:
-    """Least-squares SH coefficients [bands², 3] (each colour channel on its own) of the light
-    that makes the ``basis_images`` [k, bands², 3] sum to ``photo`` [k, 3]."""
-    return torch.stack([torch.linalg.lstsq(basis_images[..., c].double(), photo[:, c:c + 1].double()).solution[:, 0]
-                        for c in range(3)], dim=1).float()
+def solve_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: float, photo: torch.Tensor,
+                 mask: torch.Tensor, texels: torch.Tensor) -> SolvePixels:
+    """The face pixels ``mask`` [h, w] of image row ``row`` (at ``texels`` [k]), rendered under
+    the basis lights white diffuse and white specular, and the statistical albedo at them."""
+    res, model = pipeline.resolution, pipeline.model
+    white, black = torch.ones(res, res, 3), torch.zeros(res, res, 3)
+    roughness = torch.full((res, res, 1), INITIAL_ROUGHNESS)
+    interpolation = pipeline.texels(res)[0].weights[texels.numpy()]  # [k, verts] scipy CSR
+
+    def at_pixels(mean: torch.Tensor, basis: torch.Tensor) -> tuple:
+        """(mean [verts, 3], basis [n, verts, 3]) -> their values at the pixels ([k, 3], [k, 3, n])."""
+        flat = basis.permute(1, 2, 0).reshape(len(mean), -1).numpy()  # [verts, 3·n]
+        return (torch.from_numpy(interpolation @ mean.numpy()).double(),
+                torch.from_numpy(np.asarray(interpolation @ flat)).double().reshape(len(texels), 3, -1))
+    return SolvePixels(
+        photo=photo[mask].double(),
+        diffuse=light_basis_images(pipeline, row, vertices, focal, (white, black, roughness), mask).double(),
+        specular=light_basis_images(pipeline, row, vertices, focal, (black, white, roughness), mask).double(),
+        diffuse_albedo=at_pixels(model.diffuse_mean, model.diffuse_basis),
+        specular_albedo=at_pixels(model.specular_mean, model.specular_basis))
 
 
-def solve_albedo(pipeline: Pipeline, shading: list, residual: list, texels: list) -> torch.Tensor:
-    """Least-squares statistical albedo coefficients [n_albedo] with their N(0, 1) prior: per
-    image, the face pixels' ``shading`` (the image of a white diffuse surface, [k, 3]) times the
-    diffuse albedo at their ``texels`` [k] should be the ``residual`` [k, 3] (photo minus the
-    specular image)."""
-    model = pipeline.model
-    n = model.n_albedo
-    weights = pipeline.texels(pipeline.resolution)[0].weights
-    basis = model.diffuse_basis.permute(1, 2, 0).reshape(len(model.diffuse_mean), 3 * n).numpy()  # [verts, 3·n]
-    normal = torch.eye(n, dtype=torch.float64) * ALBEDO_PIXEL_SIGMA ** 2
-    right = torch.zeros(n, dtype=torch.float64)
-    for image_shading, image_residual, image_texels in zip(shading, residual, texels):
-        rows = weights[image_texels.numpy()]  # [k, verts]
-        at_pixels = torch.from_numpy(np.asarray(rows @ basis)).double().reshape(-1, 3, n)  # [k, 3, n]
-        mean = torch.from_numpy(rows @ model.diffuse_mean.numpy()).double()  # [k, 3]
-        design = (image_shading.double()[..., None] * at_pixels).reshape(-1, n)
-        target = (image_residual.double() - image_shading.double() * mean).reshape(-1)
-        normal += design.T @ design
-        right += design.T @ target
-    return torch.linalg.solve(normal, right).float()
+def albedo_at(pixels: SolvePixels, coefficients: torch.Tensor) -> tuple:
+    """The diffuse and specular albedo [k, 3] of the statistical ``coefficients`` [n] at the pixels."""
+    return tuple(mean + basis @ coefficients.double() for mean, basis in (pixels.diffuse_albedo, pixels.specular_albedo))
 
 
-def diffuse_and_specular_images(pipeline: Pipeline, params: SceneParameters, row: int, vertices: torch.Tensor,
-                                focal: float, mask: torch.Tensor) -> tuple:
-    """The face pixels of image row ``row`` under its light: of a white diffuse face (no
-    specular), and of its specular reflection alone (no diffuse) -> ([k, 3], [k, 3])."""
-    _, specular, roughness = pipeline.maps(params, params.identity_row(row))
-    light = pipeline.envmap(params.sh[row:row + 1])[0]
-    render = lambda diffuse_map, specular_map: pipeline.render_maps(row, vertices, focal, diffuse_map, specular_map,
-                                                                    roughness, light, SOLVE_SPP)[mask][:, :3]
-    return render(torch.ones_like(specular), torch.zeros_like(specular)), render(torch.zeros_like(specular), specular)
+def solve_light(pixels: SolvePixels, coefficients: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted least-squares SH coefficients [bands², 3] of the light under which the albedo of
+    ``coefficients`` [n] gives the photo; ``weights`` [k]. The light has one colour: it is a
+    colour [3] times one SH pattern [bands²], found by alternating the two. (Each channel on its
+    own, the light painted colour gradients over the face: a red cup at the chin became red
+    light from below on skin-coloured skin.)"""
+    diffuse, specular = albedo_at(pixels, coefficients)
+    design = diffuse[:, None, :] * pixels.diffuse + specular[:, None, :] * pixels.specular  # [k, b, 3]
+    root = weights.sqrt()[:, None]
+    colour = torch.ones(3, dtype=torch.float64)
+    for _ in range(LIGHT_COLOUR_ROUNDS):
+        stacked = (design * colour).permute(2, 0, 1).reshape(-1, design.shape[1])  # [3k, b]
+        pattern = torch.linalg.lstsq(root.repeat(3, 1) * stacked, (root * pixels.photo).T.reshape(-1)).solution
+        shaded = torch.einsum('kbc,b->kc', design, pattern)  # [k, 3] under white light
+        colour = (weights[:, None] * shaded * pixels.photo).sum(0) / (weights[:, None] * shaded ** 2).sum(0).clamp_min(1e-12)
+    return pattern[:, None] * colour[None, :]
+
+
+def solve_albedo(images: list, lights: list, weights: list, n_albedo: int) -> torch.Tensor:
+    """Weighted least-squares statistical albedo coefficients [n_albedo] with their N(0, 1) prior
+    for the pixels of ``images`` (``SolvePixels`` of one identity) under their ``lights``
+    [bands², 3], with ``weights`` [k] per image."""
+    normal = torch.eye(n_albedo, dtype=torch.float64) * ALBEDO_PIXEL_SIGMA ** 2
+    right = torch.zeros(n_albedo, dtype=torch.float64)
+    for pixels, light, weight in zip(images, lights, weights):
+        diffuse_shading = torch.einsum('kbc,bc->kc', pixels.diffuse, light.double())  # [k, 3]
+        specular_shading = torch.einsum('kbc,bc->kc', pixels.specular, light.double())
+        (diffuse_mean, diffuse_basis), (specular_mean, specular_basis) = pixels.diffuse_albedo, pixels.specular_albedo
+        design = (diffuse_shading[..., None] * diffuse_basis + specular_shading[..., None] * specular_basis)
+        target = pixels.photo - diffuse_shading * diffuse_mean - specular_shading * specular_mean
+        weighted = design * weight[:, None, None]
+        normal += torch.einsum('kcn,kcm->nm', weighted, design)
+        right += torch.einsum('kcn,kc->n', weighted, target)
+    return torch.linalg.solve(normal, right)
+
+
+def residual(pixels: SolvePixels, coefficients: torch.Tensor, light: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference over the colours [k] between the photo and the model's pixels."""
+    diffuse, specular = albedo_at(pixels, coefficients)
+    image = (diffuse * torch.einsum('kbc,bc->kc', pixels.diffuse, light.double())
+             + specular * torch.einsum('kbc,bc->kc', pixels.specular, light.double()))
+    return (image - pixels.photo).abs().mean(-1)
+
+
+def uniform_light(pixels: SolvePixels, coefficients: torch.Tensor, bands: int) -> torch.Tensor:
+    """The uniform light [bands², 3] under which the albedo of ``coefficients`` [n] gives the
+    photo's pixels their median brightness, colour by colour."""
+    diffuse, specular = albedo_at(pixels, coefficients)
+    under_unit_light = diffuse * pixels.diffuse[:, 0] + specular * pixels.specular[:, 0]  # [k, 3]
+    light = torch.zeros(bands ** 2, 3, dtype=torch.float64)
+    light[0] = (pixels.photo / under_unit_light.clamp_min(1e-6)).median(0).values
+    return light
+
+
+def tukey_weights(residuals: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Iteratively reweighted least squares: Tukey's biweight (1 - (r / s)²)² with s = threshold
+    times the median residual ``residuals`` [k]: 0 for a pixel further off (outlierThreshold 0:
+    every pixel counts fully)."""
+    if threshold <= 0:
+        return torch.ones_like(residuals)
+    scale = threshold * residuals.median().clamp_min(1e-6)
+    return (1 - (residuals / scale) ** 2).clamp_min(0) ** 2
 
 
 def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> SceneParameters:
     """The SH light of every image (bands 0-2) and the statistical albedo of every identity for
-    the geometry of ``params``, by alternating least squares -> SceneParameters."""
+    the geometry of ``params``, by alternating, robustly weighted least squares over the face
+    pixels -> SceneParameters."""
     params = params.detached()
     with torch.no_grad():
         vertices = pipeline.vertices(params)
         focal = [float(f) for f in params.focal]
-        pixels = [face_pixels(pipeline, row, vertices[row], focal[row]) for row in range(params.n_images)]
-        if min(int(mask.sum()) for mask, _ in pixels) < MIN_SOLVE_PIXELS:  # too few to solve for: a uniform light
+        covered = [face_pixels(pipeline, row, vertices[row], focal[row]) for row in range(params.n_images)]
+        if min(int(mask.sum()) for mask, _ in covered) < MIN_SOLVE_PIXELS:  # too few to solve for: a uniform light
             params.sh = pipeline.initial_light(params, targets.photos)
             return params
-        photos = [photo[mask] for photo, (mask, _) in zip(targets.photos, pixels)]
+        images = [solve_pixels(pipeline, row, vertices[row], focal[row], photo.cpu(), *covered[row])
+                  for row, photo in enumerate(targets.photos)]
+        identity_of = [params.identity_row(row) for row in range(params.n_images)]
+        threshold, count = pipeline.config.outlierThreshold, solved_coefficients(pipeline.config)
+        lights = [uniform_light(pixels, params.albedo[identity_of[row]], min(SOLVED_BANDS, pipeline.config.bands))
+                  for row, pixels in enumerate(images)]
+        for round in range(SOLVE_ROUNDS):
+            weights = [tukey_weights(residual(pixels, params.albedo[identity_of[row]], lights[row]), threshold)
+                       for row, pixels in enumerate(images)]
+            for identity in range(params.identity.shape[0] if round else 0):  # the first light is the mean face's
+                rows = [row for row in range(params.n_images) if identity_of[row] == identity]
+                params.albedo[identity] = solve_albedo([images[row] for row in rows], [lights[row] for row in rows],
+                                                       [weights[row] for row in rows], pipeline.model.n_albedo).float()
+            lights = [solve_light(pixels, params.albedo[identity_of[row]], weights[row]) for row, pixels in enumerate(images)]
         params.sh = torch.zeros_like(params.sh)
-        for _ in range(SOLVE_ROUNDS):
-            for row in range(params.n_images):
-                maps = pipeline.maps(params, params.identity_row(row))
-                images = light_basis_images(pipeline, row, vertices[row], focal[row], maps, pixels[row][0])
-                params.sh[row, :solved_coefficients(pipeline.config)] = solve_light(images, photos[row])
-            for identity in range(params.identity.shape[0]):
-                rows = [row for row in range(params.n_images) if params.identity_row(row) == identity]
-                shading, specular = zip(*(diffuse_and_specular_images(pipeline, params, row, vertices[row], focal[row],
-                                                                      pixels[row][0]) for row in rows))
-                residual = [photos[row] - image for row, image in zip(rows, specular)]
-                params.albedo[identity] = solve_albedo(pipeline, shading, residual, [pixels[row][1] for row in rows])
+        for row, light in enumerate(lights):
+            params.sh[row, :count] = light.float()
     return params
 
+
+# Pixels the face cannot explain (a hand, a microphone, hair or glasses in front of it; the mouth's
+# inside) are left out of stages 2 and 3 and of the photo map. A pixel's residual (mean absolute
+# difference over the colours, linear) after the least-squares start, and again after stage 2,
+# marks it when it exceeds OUTLIER_FLOOR and outlierThreshold times the median residual of the
+# face; of those, only connected regions of at least OUTLIER_MIN_AREA of the face count: eyebrows,
+# nostrils and lip lines, which the statistical albedo misses as well, are smaller and stay in
+# (stage 3 fits them). A region then takes in the pixels connected to it whose residual exceeds
+# half that level (hysteresis: the parts of an object nearer the skin's colour, such as a red
+# cup's body), and is grown by OUTLIER_GROW px to take in its blurred edge. When more than
+# OUTLIER_MAX_SHARE of the face would go, the fit itself is off, not the photo: nothing is left out.
+OUTLIER_FLOOR, OUTLIER_MIN_AREA, OUTLIER_GROW, OUTLIER_MAX_SHARE = 0.03, 0.02, 2, 0.4
+
+
+def unexplained_pixels(rendered: torch.Tensor, photo: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The face pixels [h, w] bool that the render [h, w, 4] does not explain in ``photo``
+    [h, w, 3] (see OUTLIER_FLOOR above)."""
+    alpha = rendered[..., 3].cpu().numpy()
+    face = alpha > 0.99
+    residual = (rendered[..., :3] - photo).abs().mean(-1).cpu().numpy()
+    none = torch.zeros(alpha.shape, dtype=torch.bool)
+    if face.sum() < MIN_SOLVE_PIXELS:
+        return none
+    level = max(threshold * float(np.median(residual[face])), OUTLIER_FLOOR)
+    candidates = scipy.ndimage.binary_opening(face & (residual > level))  # not single noisy pixels
+    regions, count = scipy.ndimage.label(candidates)
+    large = np.bincount(regions.ravel(), minlength=count + 1) >= OUTLIER_MIN_AREA * face.sum()
+    large[0] = False  # the background label
+    weaker, _ = scipy.ndimage.label(face & (residual > level / 2))
+    grown = np.isin(weaker, np.unique(weaker[large[regions]])) & (weaker > 0) | large[regions]
+    outliers = scipy.ndimage.binary_dilation(grown, iterations=OUTLIER_GROW) & (alpha > 0)
+    if outliers.sum() > OUTLIER_MAX_SHARE * face.sum():
+        return none
+    return torch.from_numpy(outliers)
+
+
+def leave_out_unexplained(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> Targets:
+    """``targets`` with the pixels that the face of ``params`` does not explain left out too
+    (``unexplained_pixels``; none with outlierThreshold 0). Pixels already left out stay out: a
+    fit that never saw them may explain them by chance."""
+    threshold = pipeline.config.outlierThreshold
+    if threshold <= 0:
+        return replace(targets, left_out=None)
+    with torch.no_grad():
+        vertices = pipeline.vertices(params)
+        left_out = [unexplained_pixels(pipeline.render(params, row, SOLVE_SPP, 7, vertices[row]), photo.cpu(), threshold)
+                    for row, photo in enumerate(targets.photos)]
+    if targets.left_out is not None:
+        left_out = [new | old.cpu() for new, old in zip(left_out, targets.left_out)]
+    return replace(targets, left_out=left_out)
+
+
+def start_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> tuple:
+    """Stage 2's start from stage 1: light and albedo by least squares (``solve_appearance``),
+    and the pixels that face cannot explain left out -> (SceneParameters, Targets)."""
+    params = solve_appearance(pipeline, params, targets)
+    return params, leave_out_unexplained(pipeline, params, targets)
+
+
+def left_out_share(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> list:
+    """Per image, the share of the face's pixels that ``targets`` leaves out."""
+    if targets.left_out is None:
+        return [0.0] * params.n_images
+    with torch.no_grad():
+        vertices = pipeline.vertices(params)
+        covered = [pipeline.render(params, row, 4, 0, vertices[row])[..., 3] > 0 for row in range(params.n_images)]
+    return [float((mask & face).sum()) / max(float(face.sum()), 1.0) for mask, face in zip(targets.left_out, covered)]
 
 
 # Adam step sizes of stage 2: coefficients in σ, rotation in radians, translation in mm, light
@@ -455,9 +612,10 @@ def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
     ``on_progress(params, iteration)`` sees the parameters during the fit (debug images)."""
     config = pipeline.config
     params = params.detached()
-    if params.sh.abs().sum() == 0:  # from stage 1: light and albedo by least squares
-        params = solve_appearance(pipeline, params, targets)
+    if params.sh.abs().sum() == 0:  # straight from stage 1
+        params, targets = start_stage2(pipeline, params, targets)
     params, targets = params.to(pipeline.device), targets.to(pipeline.device)
+    pixel_weights = [targets.pixel_weights(row) for row in range(params.n_images)]
     trainable = [params.identity, params.expression, params.rotation, params.translation, params.albedo, params.sh]
     for tensor in trainable:
         tensor.requires_grad_(True)
@@ -472,7 +630,7 @@ def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
     def loss_terms(iteration: int) -> dict:
         vertices = pipeline.vertices(params)
         photo = sum(photometric_loss(pipeline.render(params, row, config.rtTrainingSamples, iteration, vertices[row]),
-                                     target) for row, target in enumerate(targets.photos)) / len(targets.photos)
+                                     target, pixel_weights[row]) for row, target in enumerate(targets.photos)) / len(targets.photos)
         return dict(
             photo=photo,
             landmarks=config.weightLandmarksLossStep2 * landmark_loss(pipeline.landmarks(params, vertices), targets),
@@ -558,10 +716,12 @@ def stage3_rates_and_weights(config: Config, has_albedo_model: bool) -> tuple:
 
 def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_progress=None) -> tuple:
     """Stage 3: per-texel diffuse, specular and roughness maps (and the light), starting from the
-    statistical albedo, with symmetry, consistency and smoothness regularizers; the geometry
-    stays as stage 2 left it -> (SceneParameters, history)."""
+    statistical albedo, with symmetry, consistency and smoothness regularizers, fitted to the
+    pixels that ``targets`` does not leave out (``leave_out_unexplained``); the geometry stays as
+    stage 2 left it -> (SceneParameters, history)."""
     config = pipeline.config
     params, targets = params.detached().to(pipeline.device), targets.to(pipeline.device)
+    pixel_weights = [targets.pixel_weights(row) for row in range(params.n_images)]
     identities = params.identity.shape[0]
     start = [pipeline.maps(params, k) for k in range(identities)]
     params.diffuse_map, params.specular_map, params.roughness_map = (
@@ -578,7 +738,7 @@ def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
 
     def loss_terms(iteration: int) -> dict:
         photo = sum(photometric_loss(pipeline.render(params, row, config.rtTrainingSamples, 10_000 + iteration,
-                                                     vertices[row]), target)
+                                                     vertices[row]), target, pixel_weights[row])
                     for row, target in enumerate(targets.photos)) / len(targets.photos)
         regularizers = {f'{name}_regularizer': sum(texture_regularizer(texture[k], references[name][k], weights[name])
                                                    for k in range(identities))

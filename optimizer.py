@@ -240,8 +240,13 @@ def fit_group(model: MorphableModel, images: list[FitImage], config: Config, sha
         params, _ = fitting.fit_landmarks(model, targets, config, shared_identity)
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)
     if params.stage < 2 and config.iterStep2 > 0:
+        params, targets = fitting.start_stage2(pipeline, params, targets)
         params, _ = fitting.fit_stage2(pipeline, params, targets, debug_writer(output, pipeline, images, 2))
+        # and what the fitted face cannot explain, out of stage 3 and of the photo map too
+        targets = fitting.leave_out_unexplained(pipeline, params, targets)
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)
+    elif params.stage >= 2:  # resumed after stage 2: the same for its face
+        targets = fitting.leave_out_unexplained(pipeline, params, targets)
     if params.stage < 3 and config.iterStep3 > 0:
         params, _ = fitting.fit_stage3(pipeline, params, targets, debug_writer(output, pipeline, images, 3))
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)
@@ -260,7 +265,10 @@ def finish_stage(output: str, checkpoint_key: str, pipeline: Pipeline, params: S
         print(f'{checkpoint_key}: stage 1 landmark error ' + ', '.join(f'{e:.2f}' for e in errors) + ' px')
     else:
         error = fitting.photometric_error(pipeline, params, targets)
-        print(f'{checkpoint_key}: stage {params.stage} photometric error {error:.4f}')
+        shares = fitting.left_out_share(pipeline, params, targets)
+        left_out = ('' if not any(shares) else ' (left out as not explained by the face: '
+                    + ', '.join(f'{100 * share:.0f}%' for share in shares) + ' of the face)')
+        print(f'{checkpoint_key}: stage {params.stage} photometric error {error:.4f}{left_out}')
     if pipeline.config.saveIntermediateStage and params.stage < 3:
         write_results(output, pipeline, params, images, targets, suffix=f'_stage{params.stage}')
 
@@ -271,14 +279,16 @@ def write_results(folder: str, pipeline: Pipeline, params: SceneParameters, imag
     decoded = pipeline.decode(params)
     for row, image in enumerate(images):
         write_image_results(folder, f'{image.index}{suffix}', pipeline, params, row, image, decoded,
-                            targets.landmark_usable[row])
+                            targets.landmark_usable[row], targets.left_out and targets.left_out[row])
 
 
 def write_image_results(folder: str, label: str, pipeline: Pipeline, params: SceneParameters, row: int,
-                        image: FitImage, decoded: dict, usable: torch.Tensor) -> None:
+                        image: FitImage, decoded: dict, usable: torch.Tensor, left_out: torch.Tensor = None) -> None:
     """The outputs of image row ``row`` from ``decoded`` (``Pipeline.decode``): the geometry and
     the glTF head always; the appearance (maps, material, render, light, photo map) once stage 2
-    has fitted a light. Each output is written whatever becomes of the others."""
+    has fitted a light. ``usable`` [68]: the landmarks that counted; ``left_out`` [h, w]: the
+    pixels the photo map does not take (see ``fitting.leave_out_unexplained``). Each output is
+    written whatever becomes of the others."""
     config, model, mesh = pipeline.config, pipeline.model, pipeline.model.export_mesh()
     identity = params.identity_row(row)
     vertices = decoded['vertices'][row]
@@ -290,10 +300,13 @@ def write_image_results(folder: str, label: str, pipeline: Pipeline, params: Sce
         with torch.no_grad():
             rendered = pipeline.render(params, row, config.rtSamples, 12345, vertices)
             uv = pipeline.uv_image(row, vertices, float(params.focal[row]))
-        photo_map = bake_photo_map(pipeline, params, row, image, vertices, skin.base_colour)
+        photo_map = bake_photo_map(pipeline, params, row, image, vertices, skin.base_colour, left_out)
         if config.exportTexture == 'photo':
             skin = dataclasses.replace(skin, base_colour=photo_map)
         writes[f'photoMap_{label}.png'] = lambda: results.save_image(path(f'photoMap_{label}.png'), photo_map)
+        if left_out is not None and left_out.any():
+            writes[f'leftOut_{label}.png'] = lambda: results.save_image(
+                path(f'leftOut_{label}.png'), results.left_out_overlay(image.pixels, left_out.numpy()))
         writes[f'the maps, mesh{label}.mtl, render_{label}.png and envMap_{label}'] = lambda: results.write_appearance(
             folder, label, image, decoded['maps'][identity], rendered, uv, decoded['envmaps'][row], config.saveExr,
             'photoMap' if config.exportTexture == 'photo' else 'diffuseMap')
@@ -310,16 +323,19 @@ def write_image_results(folder: str, label: str, pipeline: Pipeline, params: Sce
 
 
 def bake_photo_map(pipeline: Pipeline, params: SceneParameters, row: int, image: FitImage, vertices: torch.Tensor,
-                   fallback: np.ndarray) -> np.ndarray:
+                   fallback: np.ndarray, left_out: torch.Tensor = None) -> np.ndarray:
     """The input photo of image row ``row`` projected into UV space [res, res, 3] (sRGB), from the
     photo as loaded (its full resolution up to 2048 px, not the fitted crop); texels it does not
-    show take ``fallback`` [res, res, 3] (see ``textures.photo_map``)."""
+    show, or shows at ``left_out`` pixels [h, w] of the fitted image, take ``fallback``
+    [res, res, 3] (see ``textures.photo_map``)."""
     try:
         photo, reduction, _ = photos.load_image(image.path)
         photo_scale, photo_offset = image.scale * reduction, np.asarray(image.crop, np.float64) / reduction
     except photos.InputError:  # the input went away since it was read: the fitted crop serves
         photo, photo_scale, photo_offset = image.pixels, 1.0, np.zeros(2)
     view = pipeline.texel_view(params, row, vertices)
+    if left_out is not None:
+        view['visible'] &= ~torch.from_numpy(textures.at_pixels(left_out.numpy(), view['pixels'].numpy()))
     return textures.bake_photo(photo, photo_scale, photo_offset, view, pipeline.export_mask, fallback)[0]
 
 

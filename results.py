@@ -93,6 +93,13 @@ def render_panels(photo: np.ndarray, rendered: np.ndarray) -> list:
     return [photo, composite(rendered, photo), composite(rendered, np.zeros_like(photo))]
 
 
+def left_out_overlay(photo: np.ndarray, left_out: np.ndarray) -> np.ndarray:
+    """The photo [h, w, 3] (sRGB) with the pixels the fit left out [h, w] tinted magenta."""
+    tinted = photo.copy()
+    tinted[left_out] = 0.4 * photo[left_out] + 0.6 * np.array([1.0, 0.0, 1.0])
+    return tinted
+
+
 def sample_map(texture: np.ndarray, uv: torch.Tensor) -> np.ndarray:
     """Look up a map [res, res, 3] (row 0 at v = 1) at per-pixel UVs [h, w, 2] -> [h, w, 3]."""
     grid = torch.stack([uv[..., 0] * 2 - 1, (1 - uv[..., 1]) * 2 - 1], dim=-1)[None].float()

@@ -78,6 +78,17 @@ def sample_image(image: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     return values[0, :, 0].T.numpy()
 
 
+def at_pixels(mask: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """The value of ``mask`` [h, w] bool at each of ``pixels`` [..., 2] (x, y; pixel centres at
+    +0.5) -> bool [...]; False outside the mask."""
+    height, width = mask.shape
+    index = np.floor(pixels).astype(np.int64)
+    inside = (index >= 0).all(-1) & (index[..., 0] < width) & (index[..., 1] < height)
+    found = np.zeros(pixels.shape[:-1], bool)
+    found[inside] = mask[index[inside][:, 1], index[inside][:, 0]]
+    return found
+
+
 def photo_weights(facing: np.ndarray, visible: np.ndarray, in_photo: np.ndarray, inside: np.ndarray) -> np.ndarray:
     """How much each texel [res, res] takes from the photo, in [0, 1]: visible from the camera
     (ray traced), inside the photo, inside the UV map, and facing the camera, with a border
