@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.ndimage
+import scipy.optimize
 import torch
 from tqdm import tqdm
 
@@ -351,6 +352,15 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
 # Bands 0-2 of the light are solved (they hold almost all the shading of a convex object); the
 # higher bands start at 0.
 SOLVED_BANDS, SOLVE_ROUNDS, SOLVE_SPP = 3, 12, 32
+# The photo fixes only the product of albedo and light, channel by channel: a face twice as red
+# under a light half as red looks the same. Left to the albedo's prior, every face got the mean
+# face's colour and the rest went into the light (on obama2.jpg with ICT-FaceKit: a pink albedo
+# (0.46, 0.31, 0.23) under an orange light (3.1, 2.0, 1.5)). Photos are white-balanced, so
+# halfway through the rounds each channel's scale is set where the albedo's N(0, 1) prior meets a
+# white-light prior: the light's colour is grey, give or take a factor exp(LIGHT_COLOUR_SIGMA)
+# per channel. The brightness stays the albedo prior's: an exposure prior (a white face under the
+# light at 0.6 on average) made obama2.jpg's face brighter still, its photo being bright.
+LIGHT_COLOUR_SIGMA = 0.1
 # Alternations of a light's colour and its SH pattern (``solve_light``).
 LIGHT_COLOUR_ROUNDS = 4
 # Basis lights must stay positive (the renderer clips negative radiance): each is rendered on top
@@ -496,6 +506,36 @@ def tukey_weights(residuals: torch.Tensor, threshold: float) -> torch.Tensor:
     return (1 - (residuals / scale) ** 2).clamp_min(0) ** 2
 
 
+def white_shading(pixels: SolvePixels, light: torch.Tensor) -> torch.Tensor:
+    """The mean brightness [3] of a white diffuse face under ``light`` [bands², 3] over the pixels."""
+    return torch.einsum('kbc,bc->kc', pixels.diffuse, light.double()).mean(0)
+
+
+def white_balance(model: MorphableModel, coefficients: torch.Tensor, shadings: list) -> tuple:
+    """Where along the albedo/light ambiguity the albedo of ``coefficients`` [n] should lie: the
+    scale k [3] of each colour channel of the albedo (the light's divided by it) that best meets
+    the albedo's N(0, 1) prior and the white-light prior on the ``shadings`` (``white_shading``
+    of each image of that identity) -> (k [3], the coefficients of the scaled albedo [n])."""
+    n = model.n_albedo
+    basis = model.diffuse_basis.permute(1, 2, 0).reshape(-1, n).double()  # [verts·3, n]
+    mean = model.diffuse_mean.reshape(-1).double()
+    albedo = mean + basis @ coefficients.double()
+    channel = torch.arange(len(mean)) % 3
+    columns = torch.stack([torch.where(channel == c, albedo, 0.0) for c in range(3)] + [mean], dim=1)
+    solution = torch.linalg.lstsq(basis, columns).solution.numpy()  # the channels' and the mean's coefficients
+    per_channel, of_mean = solution[:, :3], solution[:, 3]
+    logs = np.log(np.stack([shading.numpy() for shading in shadings]).clip(1e-6))  # [images, 3]
+
+    def cost(log_scale: np.ndarray) -> float:
+        scaled = per_channel @ np.exp(log_scale) - of_mean
+        light = logs - log_scale  # the log light of each channel once the albedo is scaled
+        cast = ((light - light.mean(1, keepdims=True)) / LIGHT_COLOUR_SIGMA) ** 2
+        return float(scaled @ scaled + cast.sum())
+    log_scale = scipy.optimize.minimize(cost, np.zeros(3), method='BFGS').x
+    scale = np.exp(log_scale)
+    return torch.from_numpy(scale), torch.from_numpy(per_channel @ scale - of_mean).float()
+
+
 def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> SceneParameters:
     """The SH light of every image (bands 0-2) and the statistical albedo of every identity for
     the geometry of ``params``, by alternating, robustly weighted least squares over the face
@@ -522,6 +562,13 @@ def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targe
                 params.albedo[identity] = solve_albedo([images[row] for row in rows], [lights[row] for row in rows],
                                                        [weights[row] for row in rows], pipeline.model.n_albedo).float()
             lights = [solve_light(pixels, params.albedo[identity_of[row]], weights[row]) for row, pixels in enumerate(images)]
+            if round == SOLVE_ROUNDS // 2:  # the brightness and colour the photos cannot tell, from the priors
+                for identity in range(params.identity.shape[0]):
+                    rows = [row for row in range(params.n_images) if identity_of[row] == identity]
+                    scale, params.albedo[identity] = white_balance(
+                        pipeline.model, params.albedo[identity], [white_shading(images[row], lights[row]) for row in rows])
+                    for row in rows:
+                        lights[row] = lights[row] / scale
         params.sh = torch.zeros_like(params.sh)
         for row, light in enumerate(lights):
             params.sh[row, :count] = light.float()
