@@ -551,20 +551,22 @@ def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targe
         images = [solve_pixels(pipeline, row, vertices[row], focal[row], photo.cpu(), *covered[row])
                   for row, photo in enumerate(targets.photos)]
         identity_of = [params.identity_row(row) for row in range(params.n_images)]
+        rows_of = {identity: [row for row, of in enumerate(identity_of) if of == identity]
+                   for identity in range(params.identity.shape[0])}
+        albedo_of = lambda row: params.albedo[identity_of[row]]
         threshold, count = pipeline.config.outlierThreshold, solved_coefficients(pipeline.config)
-        lights = [uniform_light(pixels, params.albedo[identity_of[row]], min(SOLVED_BANDS, pipeline.config.bands))
+        lights = [uniform_light(pixels, albedo_of(row), min(SOLVED_BANDS, pipeline.config.bands))
                   for row, pixels in enumerate(images)]
         for round in range(SOLVE_ROUNDS):
-            weights = [tukey_weights(residual(pixels, params.albedo[identity_of[row]], lights[row]), threshold)
+            weights = [tukey_weights(residual(pixels, albedo_of(row), lights[row]), threshold)
                        for row, pixels in enumerate(images)]
-            for identity in range(params.identity.shape[0] if round else 0):  # the first light is the mean face's
-                rows = [row for row in range(params.n_images) if identity_of[row] == identity]
-                params.albedo[identity] = solve_albedo([images[row] for row in rows], [lights[row] for row in rows],
-                                                       [weights[row] for row in rows], pipeline.model.n_albedo).float()
-            lights = [solve_light(pixels, params.albedo[identity_of[row]], weights[row]) for row, pixels in enumerate(images)]
-            if round == SOLVE_ROUNDS // 2:  # the brightness and colour the photos cannot tell, from the priors
-                for identity in range(params.identity.shape[0]):
-                    rows = [row for row in range(params.n_images) if identity_of[row] == identity]
+            if round:  # the first light is the mean face's
+                for identity, rows in rows_of.items():
+                    params.albedo[identity] = solve_albedo([images[row] for row in rows], [lights[row] for row in rows],
+                                                           [weights[row] for row in rows], pipeline.model.n_albedo).float()
+            lights = [solve_light(pixels, albedo_of(row), weights[row]) for row, pixels in enumerate(images)]
+            if round == SOLVE_ROUNDS // 2:  # the colour the photos cannot tell, from the priors
+                for identity, rows in rows_of.items():
                     scale, params.albedo[identity] = white_balance(
                         pipeline.model, params.albedo[identity], [white_shading(images[row], lights[row]) for row in rows])
                     for row in rows:
@@ -602,9 +604,10 @@ def unexplained_pixels(rendered: torch.Tensor, photo: torch.Tensor, threshold: f
     regions, count = scipy.ndimage.label(candidates)
     large = np.bincount(regions.ravel(), minlength=count + 1) >= OUTLIER_MIN_AREA * face.sum()
     large[0] = False  # the background label
-    weaker, _ = scipy.ndimage.label(face & (residual > level / 2))
-    grown = np.isin(weaker, np.unique(weaker[large[regions]])) & (weaker > 0) | large[regions]
-    outliers = scipy.ndimage.binary_dilation(grown, iterations=OUTLIER_GROW) & (alpha > 0)
+    seeds = large[regions]
+    weaker, _ = scipy.ndimage.label(face & (residual > level / 2))  # hysteresis: what the seeds reach
+    reached = np.isin(weaker, np.unique(weaker[seeds])) & (weaker > 0)
+    outliers = scipy.ndimage.binary_dilation(seeds | reached, iterations=OUTLIER_GROW) & (alpha > 0)
     if outliers.sum() > OUTLIER_MAX_SHARE * face.sum():
         return none
     return torch.from_numpy(outliers)
