@@ -427,8 +427,8 @@ def solve_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: fl
     def at_pixels(mean: torch.Tensor, basis: torch.Tensor) -> tuple:
         """(mean [verts, 3], basis [n, verts, 3]) -> their values at the pixels ([k, 3], [k, 3, n])."""
         flat = basis.permute(1, 2, 0).reshape(len(mean), -1).numpy()  # [verts, 3·n]
-        return (torch.from_numpy(interpolation @ mean.numpy()).double(),
-                torch.from_numpy(np.asarray(interpolation @ flat)).double().reshape(len(texels), 3, -1))
+        return (torch.from_numpy(interpolation @ mean.numpy()),
+                torch.from_numpy(np.asarray(interpolation @ flat)).reshape(len(texels), 3, -1))  # float32: 40 MB at 20k px
     return SolvePixels(
         photo=photo[mask].double(),
         diffuse=light_basis_images(pipeline, row, vertices, focal, (white, black, roughness), mask).double(),
@@ -439,7 +439,8 @@ def solve_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: fl
 
 def albedo_at(pixels: SolvePixels, coefficients: torch.Tensor) -> tuple:
     """The diffuse and specular albedo [k, 3] of the statistical ``coefficients`` [n] at the pixels."""
-    return tuple(mean + basis @ coefficients.double() for mean, basis in (pixels.diffuse_albedo, pixels.specular_albedo))
+    return tuple((mean + basis @ coefficients.float()).double()
+                 for mean, basis in (pixels.diffuse_albedo, pixels.specular_albedo))
 
 
 def solve_light(pixels: SolvePixels, coefficients: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -470,11 +471,13 @@ def solve_albedo(images: list, lights: list, weights: list, n_albedo: int) -> to
         diffuse_shading = torch.einsum('kbc,bc->kc', pixels.diffuse, light.double())  # [k, 3]
         specular_shading = torch.einsum('kbc,bc->kc', pixels.specular, light.double())
         (diffuse_mean, diffuse_basis), (specular_mean, specular_basis) = pixels.diffuse_albedo, pixels.specular_albedo
-        design = (diffuse_shading[..., None] * diffuse_basis + specular_shading[..., None] * specular_basis)
-        target = pixels.photo - diffuse_shading * diffuse_mean - specular_shading * specular_mean
-        weighted = design * weight[:, None, None]
-        normal += torch.einsum('kcn,kcm->nm', weighted, design)
-        right += torch.einsum('kcn,kc->n', weighted, target)
+        target = pixels.photo - diffuse_shading * diffuse_mean.double() - specular_shading * specular_mean.double()
+        for c in range(3):  # a channel at a time: the design [k, n] in double stays small
+            design = (diffuse_shading[:, c, None] * diffuse_basis[:, c].double()
+                      + specular_shading[:, c, None] * specular_basis[:, c].double())
+            weighted = design * weight[:, None]
+            normal += weighted.T @ design
+            right += weighted.T @ target[:, c]
     return torch.linalg.solve(normal, right)
 
 
@@ -516,13 +519,13 @@ def white_balance(model: MorphableModel, coefficients: torch.Tensor, shadings: l
     scale k [3] of each colour channel of the albedo (the light's divided by it) that best meets
     the albedo's N(0, 1) prior and the white-light prior on the ``shadings`` (``white_shading``
     of each image of that identity) -> (k [3], the coefficients of the scaled albedo [n])."""
-    n = model.n_albedo
-    basis = model.diffuse_basis.permute(1, 2, 0).reshape(-1, n).double()  # [verts·3, n]
-    mean = model.diffuse_mean.reshape(-1).double()
-    albedo = mean + basis @ coefficients.double()
-    channel = torch.arange(len(mean)) % 3
-    columns = torch.stack([torch.where(channel == c, albedo, 0.0) for c in range(3)] + [mean], dim=1)
-    solution = torch.linalg.lstsq(basis, columns).solution.numpy()  # the channels' and the mean's coefficients
+    basis, mean = model.diffuse_basis, model.diffuse_mean  # [n, verts, 3], [verts, 3]
+    albedo = mean + torch.einsum('n,nvc->vc', coefficients, basis)
+    # least squares by the normal equations, with no copy of the basis
+    gram = torch.einsum('nvc,mvc->nm', basis, basis).double()
+    columns = torch.stack([torch.einsum('nv,v->n', basis[..., c], albedo[:, c]) for c in range(3)]
+                          + [torch.einsum('nvc,vc->n', basis, mean)], dim=1).double()
+    solution = torch.linalg.lstsq(gram, columns).solution.numpy()  # the channels' and the mean's coefficients
     per_channel, of_mean = solution[:, :3], solution[:, 3]
     logs = np.log(np.stack([shading.numpy() for shading in shadings]).clip(1e-6))  # [images, 3]
 
