@@ -75,7 +75,7 @@ class Config:
     weightRoughnessSmoothnessReg: float = field(default=0.002, metadata=_between(0.0, MAX_WEIGHT))
     # pixels whose residual after the least-squares start and after stage 2 exceeds this many times
     # the face's median residual, in large connected regions, are left out of the fit (0: none)
-    outlierThreshold: float = field(default=3.0, metadata=_between(0.0, 1000.0))
+    outlierThreshold: float = field(default=4.0, metadata=_between(0.0, 1000.0))
     # debug
     debugFrequency: int = field(default=0, metadata=_between(0, MAX_ITERATIONS))
     saveIntermediateStage: bool = False
