@@ -159,6 +159,16 @@ def test_photo_map_matches_a_known_texture(small_bfm):
     assert np.abs(photo_map[outside]).max() == 0  # the rest is the fallback
 
 
+def test_left_out_pixels_are_read_where_each_texel_lands():
+    """``textures.at_pixels`` (which texels the photo map leaves to the fallback): pixel (x, y)
+    reads row y, column x of the mask, with pixel centres at +0.5; outside the image, False."""
+    mask = np.zeros((4, 6), bool)
+    mask[1, 4] = True
+    pixels = np.array([[4.5, 1.5], [4.0, 1.0], [4.99, 1.99], [1.5, 4.5], [-0.5, 1.5], [6.0, 1.0], [4.5, 2.0]])
+    assert textures.at_pixels(mask, pixels).tolist() == [True, True, True, False, False, False, False]
+    assert textures.at_pixels(mask, pixels.reshape(7, 1, 2)).shape == (7, 1)
+
+
 def test_seam_splitting_keeps_the_vertex_order():
     faces = np.array([[0, 1, 2], [2, 1, 3]])
     uv_faces = np.array([[0, 1, 2], [4, 1, 3]])  # vertex 2 has UV 2 in one triangle, UV 4 in the other
