@@ -359,7 +359,7 @@ SOLVED_BANDS, SOLVE_ROUNDS, SOLVE_SPP = 3, 12, 32
 # halfway through the rounds each channel's scale is set where the albedo's N(0, 1) prior meets a
 # white-light prior: the light's colour is grey, give or take a factor exp(LIGHT_COLOUR_SIGMA)
 # per channel. The brightness stays the albedo prior's: an exposure prior (a white face under the
-# light at 0.6 on average) made obama2.jpg's face brighter still, its photo being bright.
+# light at 0.6 on average) raised obama2.jpg's red albedo (0.46 -> 0.51), its photo being bright.
 LIGHT_COLOUR_SIGMA = 0.1
 # Alternations of a light's colour and its SH pattern (``solve_light``).
 LIGHT_COLOUR_ROUNDS = 4
@@ -461,6 +461,13 @@ def solve_light(pixels: SolvePixels, coefficients: torch.Tensor, weights: torch.
     return pattern[:, None] * colour[None, :]
 
 
+def shading(pixels: SolvePixels, light: torch.Tensor) -> tuple:
+    """The pixels of a white diffuse face and of a white specular face under ``light``
+    [bands², 3] -> ([k, 3], [k, 3])."""
+    return tuple(torch.einsum('kbc,bc->kc', basis_images, light.double())
+                 for basis_images in (pixels.diffuse, pixels.specular))
+
+
 def solve_albedo(images: list, lights: list, weights: list, n_albedo: int) -> torch.Tensor:
     """Weighted least-squares statistical albedo coefficients [n_albedo] with their N(0, 1) prior
     for the pixels of ``images`` (``SolvePixels`` of one identity) under their ``lights``
@@ -468,8 +475,7 @@ def solve_albedo(images: list, lights: list, weights: list, n_albedo: int) -> to
     normal = torch.eye(n_albedo, dtype=torch.float64) * ALBEDO_PIXEL_SIGMA ** 2
     right = torch.zeros(n_albedo, dtype=torch.float64)
     for pixels, light, weight in zip(images, lights, weights):
-        diffuse_shading = torch.einsum('kbc,bc->kc', pixels.diffuse, light.double())  # [k, 3]
-        specular_shading = torch.einsum('kbc,bc->kc', pixels.specular, light.double())
+        diffuse_shading, specular_shading = shading(pixels, light)
         (diffuse_mean, diffuse_basis), (specular_mean, specular_basis) = pixels.diffuse_albedo, pixels.specular_albedo
         target = pixels.photo - diffuse_shading * diffuse_mean.double() - specular_shading * specular_mean.double()
         for c in range(3):  # a channel at a time: the design [k, n] in double stays small
@@ -484,9 +490,8 @@ def solve_albedo(images: list, lights: list, weights: list, n_albedo: int) -> to
 def residual(pixels: SolvePixels, coefficients: torch.Tensor, light: torch.Tensor) -> torch.Tensor:
     """Mean absolute difference over the colours [k] between the photo and the model's pixels."""
     diffuse, specular = albedo_at(pixels, coefficients)
-    image = (diffuse * torch.einsum('kbc,bc->kc', pixels.diffuse, light.double())
-             + specular * torch.einsum('kbc,bc->kc', pixels.specular, light.double()))
-    return (image - pixels.photo).abs().mean(-1)
+    diffuse_shading, specular_shading = shading(pixels, light)
+    return (diffuse * diffuse_shading + specular * specular_shading - pixels.photo).abs().mean(-1)
 
 
 def uniform_light(pixels: SolvePixels, coefficients: torch.Tensor, bands: int) -> torch.Tensor:
@@ -511,7 +516,7 @@ def tukey_weights(residuals: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def white_shading(pixels: SolvePixels, light: torch.Tensor) -> torch.Tensor:
     """The mean brightness [3] of a white diffuse face under ``light`` [bands², 3] over the pixels."""
-    return torch.einsum('kbc,bc->kc', pixels.diffuse, light.double()).mean(0)
+    return shading(pixels, light)[0].mean(0)
 
 
 def white_balance(model: MorphableModel, coefficients: torch.Tensor, shadings: list) -> tuple:
@@ -527,7 +532,7 @@ def white_balance(model: MorphableModel, coefficients: torch.Tensor, shadings: l
                           + [torch.einsum('nvc,vc->n', basis, mean)], dim=1).double()
     solution = torch.linalg.lstsq(gram, columns).solution.numpy()  # the channels' and the mean's coefficients
     per_channel, of_mean = solution[:, :3], solution[:, 3]
-    logs = np.log(np.stack([shading.numpy() for shading in shadings]).clip(1e-6))  # [images, 3]
+    logs = np.log(np.stack([brightness.numpy() for brightness in shadings]).clip(1e-6))  # [images, 3]
 
     def cost(log_scale: np.ndarray) -> float:
         scaled = per_channel @ np.exp(log_scale) - of_mean

@@ -269,7 +269,8 @@ class Pipeline:
         self.device = compute_device(config)
         self.centres = image_centres(self.sizes)  # [n, 2]
         self.crop_to_face = crop_to_face  # ray trace only around the face (see ``renderer``)
-        self._renderers, self._texel_maps, self._models = {}, {}, {model.mean_shape.device: model}
+        self._renderers, self._models = {}, {model.mean_shape.device: model}
+        self._texel_layouts, self._texel_maps = {}, {}  # by resolution; by (resolution, device)
         self.resolution = fitted_texture_resolution(config)  # of the maps that are fitted and rendered
         self.envmap = EnvironmentMap(config.bands, config.envMapRes, config.smoothSh)
 
@@ -284,10 +285,10 @@ class Pipeline:
         """The UV interpolation at ``resolution`` on ``device``, built once: (per-vertex values
         [verts, c] -> texels [res·res, c], mask of the texels inside the UV map [res, res])."""
         if (resolution, device) not in self._texel_maps:
-            if resolution not in self._texel_maps:
-                self._texel_maps[resolution] = texel_interpolation(
+            if resolution not in self._texel_layouts:
+                self._texel_layouts[resolution] = texel_interpolation(
                     self.model.uvs.numpy(), self.model.uv_faces.numpy(), self.model.faces.numpy(), resolution)
-            vertices, weights, mask = self._texel_maps[resolution]
+            vertices, weights, mask = self._texel_layouts[resolution]
             self._texel_maps[resolution, device] = (
                 sparse_interpolation(vertices, weights, len(self.model.mean_shape), device), mask)
         return self._texel_maps[resolution, device]
