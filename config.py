@@ -35,8 +35,8 @@ class Config:
     device: str = field(default='cpu', metadata=dict(choices=('cpu', 'cuda')))
     # 2D landmark detector
     lamdmarksDetectorType: str = field(default='mediapipe', metadata=dict(choices=('mediapipe', 'fan')))
-    # morphable model: 'bfm2017' (Basel 2017 + AlbedoMM) or 'ict' (ICT-FaceKit)
-    model: str = field(default='bfm2017', metadata=dict(choices=('bfm2017', 'ict')))
+    # morphable model: 'bfm2017' (Basel 2017 + AlbedoMM), 'ict' (ICT-FaceKit) or 'flame' (FLAME 2020/2023)
+    model: str = field(default='bfm2017', metadata=dict(choices=('bfm2017', 'ict', 'flame')))
     path: str = field(default='./baselMorphableModel',
                       metadata=dict(check=lambda v: v.strip() != '', accepts='the folder of the model files'))
     # optional NextFace-format landmark association file (iBUG index, vertex index per line)

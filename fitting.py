@@ -51,7 +51,7 @@ class Targets:
     @staticmethod
     def of_landmarks(model: MorphableModel, points: np.ndarray, sizes: list) -> 'Targets':
         """Landmark targets alone: points [n, 68, 2] (NaN where not found) in images of ``sizes``."""
-        usable = np.isfinite(points).all(-1) & (model.landmark_vertices.numpy() >= 0)[None]
+        usable = np.isfinite(points).all(-1) & model.landmark_usable.numpy()[None]
         return Targets(
             landmarks=torch.from_numpy(np.nan_to_num(points, nan=0.0)).float(),
             landmark_weights=torch.from_numpy(usable * landmarks_module.LANDMARK_WEIGHTS).float(),
@@ -154,11 +154,8 @@ class LandmarkProblem:
     def __init__(self, model: MorphableModel, targets: Targets, config: Config, identity: torch.Tensor = None):
         """``identity`` [n_shape]: a known identity (a tracked clip's), else the mean face."""
         self.expression_bounds = model.expression_bounds
-        index = model.landmark_vertices.clamp_min(0)
-        self.mean = model.mean_shape[index].double()  # [68, 3]
-        if identity is not None:
-            self.mean = self.mean + torch.einsum('k,kvc->vc', identity.double(), model.shape_basis[:, index].double())
-        self.expression_basis = model.expression_basis[:, index].double()  # [n_expr, 68, 3]
+        self.model = model.landmark_model()
+        self.identity = (torch.zeros(model.n_shape) if identity is None else identity).double()[None]  # [1, n_shape]
         self.targets = targets.landmarks.double()
         self.centres = targets.centres.double()
         sigma = torch.tensor([max(size) / 128 for size in targets.sizes], dtype=torch.float64)
@@ -194,7 +191,9 @@ class LandmarkProblem:
 
     def landmark_pixels(self, p: dict, focal: torch.Tensor) -> torch.Tensor:
         """Model landmarks in pixels [n, 68, 2]."""
-        canonical = self.mean + torch.einsum('nk,kvc->nvc', p['expression'], self.expression_basis)
+        expression = p['expression']
+        vertices = self.model.vertices(self.identity.expand(len(expression), -1), expression)
+        canonical = self.model.landmark_points(vertices)
         return project(to_camera(canonical, p['rotation'], p['translation']), focal, self.centres)
 
     def residuals(self, x: torch.Tensor, fixed_focal: torch.Tensor, anchor: torch.Tensor = None,
@@ -225,7 +224,7 @@ def fit_landmarks(model: MorphableModel, targets: Targets, config: Config, share
     """Stage 1: pose, expression and focal length from the landmarks -> (SceneParameters,
     history of every Levenberg-Marquardt iteration of every focal start)."""
     problem = LandmarkProblem(model, targets, config)
-    mean_points = model.mean_shape[model.landmark_vertices.clamp_min(0)].numpy()
+    mean_points = model.landmark_points(model.mean_shape[None])[0].numpy()
     relative = (targets.landmarks - targets.centres[:, None]).numpy()  # [n, 68, 2]
     usable = targets.landmark_usable.numpy()
     best, history = None, []

@@ -21,6 +21,7 @@ import scipy.sparse.linalg
 import torch
 
 import utils
+from skinning import Skinning
 
 # BFM/ICT frame (y up, face toward +z) -> canonical camera frame (y down, face toward -z):
 # a 180° turn about x, a proper rotation.
@@ -48,6 +49,17 @@ def linear_shape(mean_shape: torch.Tensor, shape_basis: torch.Tensor, expression
             + torch.einsum('nk,kvc->nvc', expression, expression_basis))
 
 
+def model_shape(mesh, identity: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
+    """Vertices [n, verts, 3] of a ``MorphableModel`` or ``HeadMesh`` for identity [n, n_shape]
+    and expression [n, n_expr] coefficients: the linear model, and for a skinned model (FLAME)
+    the blendshape coefficients followed by the joints' pose (``Skinning.pose``)."""
+    blendshapes = mesh.expression_basis.shape[0]
+    rest = linear_shape(mesh.mean_shape, mesh.shape_basis, mesh.expression_basis, identity, expression[:, :blendshapes])
+    if mesh.skinning is None:
+        return rest
+    return mesh.skinning.pose(rest, identity, expression[:, :blendshapes], expression[:, blendshapes:])
+
+
 @dataclass
 class HeadMesh:
     """A model's whole mesh as it is exported, in the canonical frame of the model: vertices
@@ -61,6 +73,7 @@ class HeadMesh:
     uvs: torch.Tensor               # [uv_verts, 2] v up; ICT's parts lie in tiles u in [k, k + 1]
     uv_faces: torch.Tensor          # [tris, 3] int64
     parts: torch.Tensor             # [tris] int64 index into HEAD_PARTS
+    skinning: Skinning = None       # the joints of a skinned model (FLAME)
 
     @property
     def whole_head(self) -> bool:
@@ -68,22 +81,41 @@ class HeadMesh:
         return bool((self.parts == HEAD_PARTS.index('back_of_head')).any())
 
     def vertices(self, identity: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
-        """[n, n_shape], [n, n_expr] -> vertices [n, verts, 3] in the canonical frame."""
-        return linear_shape(self.mean_shape, self.shape_basis, self.expression_basis, identity, expression)
+        """[n, n_shape], [n, n_expression] -> vertices [n, verts, 3] in the canonical frame."""
+        return model_shape(self, identity, expression)
 
     def to(self, device) -> 'HeadMesh':
         """A copy with every tensor on ``device``."""
         return tensors_to(self, device)
 
 
-def tensors_to(record, device):
-    """A copy of the dataclass ``record`` with its tensor fields (and those of dataclass fields)
-    on ``device``."""
-    def move(value):
+def landmark_points(vertices: torch.Tensor, corners: torch.Tensor, barycentric: torch.Tensor) -> torch.Tensor:
+    """Points on a mesh given by triangle corners [k, 3] (-1: none, read as vertex 0) and
+    barycentric weights [k, 3], of vertices [n, verts, 3] -> [n, k, 3]."""
+    return torch.einsum('nkjc,kj->nkc', vertices[:, corners.clamp_min(0)], barycentric.to(vertices.dtype))
+
+
+def vertex_landmarks(indices) -> tuple:
+    """Landmarks on vertices [k] (-1: none) -> (corners [k, 3], barycentric weights [k, 3])."""
+    indices = np.asarray(indices, np.int64)
+    barycentric = np.zeros((len(indices), 3), np.float32)
+    barycentric[:, 0] = 1
+    return np.repeat(indices[:, None], 3, axis=1), barycentric
+
+
+def map_tensors(record, function):
+    """A copy of the dataclass ``record`` with ``function`` applied to its tensor fields (and to
+    those of its dataclass fields)."""
+    def apply(value):
         if isinstance(value, torch.Tensor):
-            return value.to(device)
-        return value.to(device) if dataclasses.is_dataclass(value) and hasattr(value, 'to') else value
-    return dataclasses.replace(record, **{f.name: move(getattr(record, f.name)) for f in dataclasses.fields(record)})
+            return function(value)
+        return map_tensors(value, function) if dataclasses.is_dataclass(value) else value
+    return dataclasses.replace(record, **{f.name: apply(getattr(record, f.name)) for f in dataclasses.fields(record)})
+
+
+def tensors_to(record, device):
+    """A copy of the dataclass ``record`` with its tensors (nested ones too) on ``device``."""
+    return map_tensors(record, lambda tensor: tensor.to(device))
 
 
 @dataclass
@@ -96,13 +128,16 @@ class MorphableModel:
     faces: torch.Tensor             # [tris, 3] int64, counter-clockwise seen from the camera
     uvs: torch.Tensor               # [uv_verts, 2] in [0, 1], v up (OBJ convention)
     uv_faces: torch.Tensor          # [tris, 3] int64 indices into uvs
-    landmark_vertices: torch.Tensor  # [68] int64, -1 where an iBUG point has no vertex
+    landmark_vertices: torch.Tensor  # [68, 3] int64 corners of the triangle holding each iBUG point
+                                     # (a vertex landmark repeats its vertex), -1 where a point has none
+    landmark_barycentric: torch.Tensor  # [68, 3] weights of those corners, summing to 1
     diffuse_mean: torch.Tensor      # [verts, 3] linear RGB
     diffuse_basis: torch.Tensor     # [n_albedo, verts, 3]
     specular_mean: torch.Tensor     # [verts, 3]
     specular_basis: torch.Tensor    # [n_albedo, verts, 3]
     head: HeadMesh = None           # the whole head where the model has one (ICT-FaceKit)
     expression_names: tuple = ()    # [n_expr] blendshape names (ICT-FaceKit: ARKit's, some split L/R)
+    skinning: Skinning = None       # joints (FLAME): the expression coefficients end with their pose
 
     @property
     def n_shape(self) -> int:
@@ -110,11 +145,21 @@ class MorphableModel:
 
     @property
     def n_expression(self) -> int:
-        return self.expression_basis.shape[0]
+        """Expression coefficients: the blendshapes', then a skinned model's joint pose."""
+        return self.expression_basis.shape[0] + (self.skinning.n_pose if self.skinning is not None else 0)
 
     @property
     def n_albedo(self) -> int:
         return self.diffuse_basis.shape[0]
+
+    @property
+    def landmark_usable(self) -> torch.Tensor:
+        """[68] bool: the iBUG points the model has."""
+        return self.landmark_vertices[:, 0] >= 0
+
+    def landmark_points(self, vertices: torch.Tensor) -> torch.Tensor:
+        """The 68 landmarks of vertices [n, verts, 3] -> [n, 68, 3] (points the model lacks: vertex 0)."""
+        return landmark_points(vertices, self.landmark_vertices, self.landmark_barycentric)
 
     @property
     def expression_bounds(self):
@@ -128,15 +173,29 @@ class MorphableModel:
         return bool((self.diffuse_basis.std(dim=1) > 1e-6).any())
 
     def vertices(self, identity: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
-        """[n, n_shape], [n, n_expr] -> vertices [n, verts, 3] in the canonical frame."""
-        return linear_shape(self.mean_shape, self.shape_basis, self.expression_basis, identity, expression)
+        """[n, n_shape], [n, n_expression] -> vertices [n, verts, 3] in the canonical frame."""
+        return model_shape(self, identity, expression)
 
     def export_mesh(self) -> HeadMesh:
         """The mesh to export: the whole head where the model has one, else the face itself."""
         if self.head is not None:
             return self.head
         return HeadMesh(self.mean_shape, self.shape_basis, self.expression_basis, self.faces, self.uvs,
-                        self.uv_faces, torch.zeros(len(self.faces), dtype=torch.int64))
+                        self.uv_faces, torch.zeros(len(self.faces), dtype=torch.int64), self.skinning)
+
+    def landmark_model(self) -> 'MorphableModel':
+        """The model cut down to the vertices its landmarks lie on (the same landmarks, no
+        triangles, no head), in float64: what a landmark fit evaluates."""
+        used, corners = torch.unique(self.landmark_vertices.clamp_min(0), return_inverse=True)
+        at = lambda basis: basis[:, used]
+        small = dataclasses.replace(
+            self, mean_shape=self.mean_shape[used], shape_basis=at(self.shape_basis),
+            expression_basis=at(self.expression_basis), faces=self.faces[:0], uvs=self.uvs[:0],
+            uv_faces=self.uv_faces[:0], landmark_vertices=torch.where(self.landmark_vertices >= 0, corners, -1),
+            diffuse_mean=self.diffuse_mean[used], diffuse_basis=at(self.diffuse_basis),
+            specular_mean=self.specular_mean[used], specular_basis=at(self.specular_basis), head=None,
+            skinning=self.skinning and self.skinning.at_vertices(used))
+        return map_tensors(small, lambda t: t.double() if t.is_floating_point() else t)
 
     def diffuse_albedo(self, albedo_coeffs: torch.Tensor) -> torch.Tensor:
         """[n, n_albedo] -> per-vertex diffuse albedo [n, verts, 3]."""
@@ -152,9 +211,12 @@ class MorphableModel:
 
     def trimmed(self, n_shape: int, n_albedo: int) -> 'MorphableModel':
         """Keep the first components only (NextFace's ``trimPca``)."""
-        head = None if self.head is None else dataclasses.replace(self.head, shape_basis=self.head.shape_basis[:n_shape])
+        trim = lambda skinning: skinning and dataclasses.replace(
+            skinning, joint_shape_basis=skinning.joint_shape_basis[:n_shape])
+        head = None if self.head is None else dataclasses.replace(
+            self.head, shape_basis=self.head.shape_basis[:n_shape], skinning=trim(self.head.skinning))
         return dataclasses.replace(
-            self, shape_basis=self.shape_basis[:n_shape], head=head,
+            self, shape_basis=self.shape_basis[:n_shape], head=head, skinning=trim(self.skinning),
             diffuse_basis=self.diffuse_basis[:n_albedo], specular_basis=self.specular_basis[:n_albedo])
 
 
@@ -251,7 +313,8 @@ def uv_area_distortion(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
 # ---------------------------------------------------------------------------------- the cache
 
 # Raised whenever what a cache holds changes, so that caches of earlier versions are rebuilt.
-CACHE_FORMAT = 4  # 2: ICT-FaceKit's whole head; 3: keyed on every source file; 4: expression names
+CACHE_FORMAT = 5  # 2: ICT-FaceKit's whole head; 3: keyed on every source file; 4: expression names;
+# 5: barycentric landmarks
 
 
 def cache_path(sources: list, kind: str) -> str:
@@ -265,16 +328,33 @@ def cache_path(sources: list, kind: str) -> str:
 
 
 def _tensor_fields(instance, prefix: str = '') -> dict:
-    """The tensor fields of a dataclass as numpy arrays, keys prefixed."""
-    return {prefix + f.name: getattr(instance, f.name).numpy() for f in dataclasses.fields(instance)
-            if isinstance(getattr(instance, f.name), torch.Tensor)}
+    """The tensor fields of a dataclass and of its dataclass fields as numpy arrays, keyed by
+    their dotted paths ('head.skinning.weights')."""
+    arrays = {}
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        if isinstance(value, torch.Tensor):
+            arrays[prefix + field.name] = value.numpy()
+        elif dataclasses.is_dataclass(value):
+            arrays.update(_tensor_fields(value, f'{prefix}{field.name}.'))
+    return arrays
+
+
+def _from_tensor_fields(cls, tensors: dict, **others):
+    """A ``cls`` dataclass from the tensors of ``_tensor_fields`` (its nested records where
+    their keys are present) and the fields ``others``."""
+    nested = {'head': HeadMesh, 'skinning': Skinning}
+    values = {key: value for key, value in tensors.items() if '.' not in key}
+    for name, kind in nested.items():
+        inner = {key[len(name) + 1:]: value for key, value in tensors.items() if key.startswith(name + '.')}
+        if inner:
+            values[name] = _from_tensor_fields(kind, inner)
+    return cls(**values, **others)
 
 
 def _save_cache(path: str, model: MorphableModel) -> None:
     """Write atomically: a half-written cache must never be read back."""
     arrays = _tensor_fields(model)
-    if model.head is not None:
-        arrays.update(_tensor_fields(model.head, 'head.'))
     with utils.atomic_path(path) as temporary:
         with open(temporary, 'wb') as file:
             np.savez(file, name=model.name, expression_names=np.array(model.expression_names, dtype=str), **arrays)
@@ -288,9 +368,7 @@ def _load_cache(path: str):
             name = str(data['name'])
             names = tuple(str(s) for s in data['expression_names'])
             tensors = {key: torch.from_numpy(data[key]) for key in data.files if key not in ('name', 'expression_names')}
-        head_keys = [key for key in tensors if key.startswith('head.')]
-        head = HeadMesh(**{key[len('head.'):]: tensors.pop(key) for key in head_keys}) if head_keys else None
-        model = MorphableModel(name=name, head=head, expression_names=names, **tensors)
+        model = _from_tensor_fields(MorphableModel, tensors, name=name, expression_names=names)
     except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None  # an unreadable cache is rebuilt
     return model if consistent(model) else None  # so is one that reads but makes no model
@@ -305,12 +383,13 @@ def consistent(model: MorphableModel) -> bool:
               sized(model.diffuse_mean, n, 3), sized(model.specular_mean, n, 3),
               sized(model.diffuse_basis, None, n, 3), sized(model.specular_basis, model.n_albedo, n, 3),
               sized(model.faces, None, 3), sized(model.uv_faces, len(model.faces), 3), sized(model.uvs, None, 2),
-              sized(model.landmark_vertices, 68)]
+              sized(model.landmark_vertices, 68, 3), sized(model.landmark_barycentric, 68, 3)]
     if not all(checks) or len(model.faces) == 0:
         return False
     in_range = [0 <= int(model.faces.min()) and int(model.faces.max()) < n,
                 len(model.uvs) == 0 or (0 <= int(model.uv_faces.min()) and int(model.uv_faces.max()) < len(model.uvs)),
-                int(model.landmark_vertices.max()) < n]
+                int(model.landmark_vertices.max()) < n,
+                bool(((model.landmark_vertices >= 0).all(1) | (model.landmark_vertices < 0).all(1)).all())]
     finite = all(bool(np.isfinite(getattr(model, name).numpy()).all()) for name in
                  ('mean_shape', 'shape_basis', 'expression_basis', 'diffuse_mean', 'diffuse_basis', 'uvs'))
     head = model.head
@@ -318,8 +397,23 @@ def consistent(model: MorphableModel) -> bool:
         sized(head.shape_basis, model.n_shape, len(head.mean_shape), 3)
         and sized(head.expression_basis, model.n_expression, len(head.mean_shape), 3)
         and len(head.mean_shape) >= n and bool(torch.equal(head.mean_shape[:n], model.mean_shape))
-        and sized(head.parts, len(head.faces)) and int(head.faces.max()) < len(head.mean_shape))
-    return all(in_range) and finite and head_ok
+        and sized(head.parts, len(head.faces)) and int(head.faces.max()) < len(head.mean_shape)
+        and skinning_consistent(head.skinning, head))
+    return all(in_range) and finite and head_ok and skinning_consistent(model.skinning, model)
+
+
+def skinning_consistent(skinning: Skinning, mesh) -> bool:
+    """Whether the joints of ``skinning`` (or None) fit the ``MorphableModel`` or ``HeadMesh`` ``mesh``."""
+    if skinning is None:
+        return True
+    joints, n = len(skinning.parents), len(mesh.mean_shape)
+    return (tuple(skinning.weights.shape) == (n, joints) and tuple(skinning.joint_mean.shape) == (joints, 3)
+            and tuple(skinning.pose_basis.shape) == ((joints - 1) * 9, n, 3)
+            and tuple(skinning.joint_shape_basis.shape) == (mesh.shape_basis.shape[0], joints, 3)
+            and tuple(skinning.joint_expression_basis.shape) == (mesh.expression_basis.shape[0], joints, 3)
+            and int(skinning.parents[0]) == -1
+            and bool(((skinning.parents[1:] >= 0) & (skinning.parents[1:] < torch.arange(1, joints))).all())
+            and bool(((skinning.posed_joints > 0) & (skinning.posed_joints < joints)).all()))
 
 
 def cached(sources: list, kind: str, build, what: str, remedy: str) -> MorphableModel:
@@ -347,14 +441,17 @@ def _tensor(array: np.ndarray, dtype=torch.float32) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
 
 
-def canonical_model(name, mean_shape, shape_basis, expression_basis, faces, uvs, uv_faces, landmarks,
+def canonical_model(name, mean_shape, shape_basis, expression_basis, faces, uvs, uv_faces, landmarks: tuple,
                      diffuse_mean, diffuse_basis, specular_mean, specular_basis, head: dict = None,
-                     expression_names: tuple = ()) -> MorphableModel:
+                     expression_names: tuple = (), skinning: dict = None) -> MorphableModel:
     """Arrays in the model's own frame (y up, face toward +z, mm) -> a canonical ``MorphableModel``.
 
-    Without ``uvs`` a low-distortion UV map is computed. Faces are re-oriented so that their
+    ``landmarks``: (triangle corners [68, 3], barycentric weights [68, 3]) of the iBUG points
+    (``vertex_landmarks`` for points on vertices). Without ``uvs`` a low-distortion UV map is computed. Faces are re-oriented so that their
     normals point toward the camera. ``head`` (the arrays of ``HeadMesh`` in the model's own
-    frame, its first vertices the face's) is brought into the same frame: centred on the face."""
+    frame, its first vertices the face's) is brought into the same frame: centred on the face;
+    so is ``skinning`` (the arrays of ``Skinning`` in the model's frame, mm; ``frame`` and
+    ``origin`` are set here)."""
     centre = mean_shape.mean(axis=0)
     mean_shape = (mean_shape - centre) * TO_CAMERA_FRAME
     shape_basis = shape_basis * TO_CAMERA_FRAME
@@ -378,11 +475,20 @@ def canonical_model(name, mean_shape, shape_basis, expression_basis, faces, uvs,
             expression_basis=_tensor(head['expression_basis'] * TO_CAMERA_FRAME),
             faces=_tensor(corners(head['faces']), torch.int64), uvs=_tensor(head['uvs']),
             uv_faces=_tensor(corners(head['uv_faces']), torch.int64), parts=_tensor(head['parts'], torch.int64))
+    if skinning is not None:
+        skinning = Skinning(
+            parents=_tensor(skinning['parents'], torch.int64), posed_joints=_tensor(skinning['posed_joints'], torch.int64),
+            joint_mean=_tensor((skinning['joint_mean'] - centre) * TO_CAMERA_FRAME),
+            joint_shape_basis=_tensor(skinning['joint_shape_basis'] * TO_CAMERA_FRAME),
+            joint_expression_basis=_tensor(skinning['joint_expression_basis'] * TO_CAMERA_FRAME),
+            pose_basis=_tensor(skinning['pose_basis'] * TO_CAMERA_FRAME), weights=_tensor(skinning['weights']),
+            frame=_tensor(TO_CAMERA_FRAME), origin=_tensor(centre))
+        head_mesh = head_mesh and dataclasses.replace(head_mesh, skinning=skinning)
     return MorphableModel(
         name=name, mean_shape=_tensor(mean_shape), shape_basis=_tensor(shape_basis),
         expression_basis=_tensor(expression_basis), faces=_tensor(faces, torch.int64),
         uvs=_tensor(uvs), uv_faces=_tensor(uv_faces, torch.int64),
-        landmark_vertices=_tensor(landmarks, torch.int64),
+        landmark_vertices=_tensor(landmarks[0], torch.int64), landmark_barycentric=_tensor(landmarks[1]),
         diffuse_mean=_tensor(diffuse_mean), diffuse_basis=_tensor(diffuse_basis),
         specular_mean=_tensor(specular_mean), specular_basis=_tensor(specular_basis), head=head_mesh,
-        expression_names=tuple(expression_names))
+        expression_names=tuple(expression_names), skinning=skinning)

@@ -188,6 +188,12 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
     return 0
 
 
+def eye_points(model: MorphableModel, neutral: np.ndarray) -> np.ndarray:
+    """The eye landmarks (iBUG 36-47) the model has on its neutral head vertices [verts, 3] -> [k, 3]."""
+    points = model.landmark_points(torch.from_numpy(neutral[None]))[0].numpy()
+    return points[36:48][model.landmark_usable[36:48].numpy()]
+
+
 def write_animated_head(path: str, pipeline: Pipeline, params: SceneParameters, tracks: list, focal: float,
                         size: tuple) -> None:
     """``head.glb`` of a clip: the identity's whole head, its skin from the keyframes' fit, the
@@ -198,7 +204,7 @@ def write_animated_head(path: str, pipeline: Pipeline, params: SceneParameters, 
                                   mesh.whole_head)
     with torch.no_grad():
         neutral = mesh.vertices(params.identity[:1], torch.zeros(1, model.n_expression))[0].numpy()
-    centre = results.head_centre(neutral, model.landmark_vertices.numpy(), mesh.whole_head)
+    centre = results.head_centre(neutral, eye_points(model, neutral), mesh.whole_head)
     tracked = [tracks[row] for row in tracks.tracked()]
     rotations = rotation_matrix(torch.tensor(np.stack([t.rotation for t in tracked]), dtype=torch.float64)).numpy()
     motion = results.HeadMotion(times=np.array([t.time for t in tracked]), rotations=rotations,
@@ -313,8 +319,8 @@ def write_image_results(folder: str, label: str, pipeline: Pipeline, params: Sce
     writes[f'mesh{label}.obj, params{label}.json and landmarks{label}.png'] = lambda: results.write_geometry(
         folder, label, image, model, params.for_image(row), vertices, decoded['vertex_pixels'][row],
         decoded['landmarks'][row], usable, with_material=params.stage >= 2)
-    centre = results.head_centre(decoded['neutral_heads'][identity].numpy(), model.landmark_vertices.numpy(),
-                                 mesh.whole_head)
+    neutral = decoded['neutral_heads'][identity].numpy()
+    centre = results.head_centre(neutral, eye_points(model, neutral), mesh.whole_head)
     writes[f'head{label}.glb'] = lambda: results.write_glb(
         path(f'head{label}.glb'), mesh, decoded['head_vertices'][row].numpy(), centre,
         rotation_matrix(params.rotation[row:row + 1])[0].numpy(), params.translation[row].numpy(),

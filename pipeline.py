@@ -21,6 +21,7 @@ import renderer
 import utils
 from config import Config
 from morphableModel import MorphableModel
+from skinning import rotation_matrix
 from sphericalharmonics import EnvironmentMap, constant_light
 
 # Roughness (GGX α) of the maps before stage 3 fits them per texel.
@@ -36,20 +37,6 @@ FACE_CROP_MARGIN = 0.08
 
 
 # ------------------------------------------------------------------------------ camera math
-
-def rotation_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
-    """Rodrigues' formula, [n, 3] axis-angle (radians) -> [n, 3, 3]; smooth through zero."""
-    theta2 = (axis_angle ** 2).sum(-1, keepdim=True)[..., None]  # [n, 1, 1]
-    theta = torch.sqrt(theta2 + 1e-16)
-    x, y, z = axis_angle.unbind(-1)
-    zero = torch.zeros_like(x)
-    skew = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(-1, 3, 3)
-    small = theta2 < 1e-8  # Taylor series near zero keeps the gradient finite
-    sin_term = torch.where(small, 1 - theta2 / 6, torch.sin(theta) / theta)
-    cos_term = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / theta2.clamp_min(1e-16))
-    identity = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device).expand_as(skew)
-    return identity + sin_term * skew + cos_term * (skew @ skew)
-
 
 def axis_angle_from_matrix(matrix: np.ndarray) -> np.ndarray:
     """[3, 3] rotation -> [3] axis-angle."""
@@ -311,8 +298,8 @@ class Pipeline:
     def landmarks(self, params: SceneParameters, vertices: torch.Tensor) -> torch.Tensor:
         """The model's 68 landmarks in pixels [n, 68, 2] (rows of iBUG points without a vertex
         hold vertex 0: weigh them out with ``fitting.Targets.landmark_weights``)."""
-        index = self.model_on(vertices.device).landmark_vertices.clamp_min(0)
-        return project(vertices[:, index], params.focal, self.centres.to(vertices.device))
+        points = self.model_on(vertices.device).landmark_points(vertices)
+        return project(points, params.focal, self.centres.to(vertices.device))
 
     # reflectance and light
     def vertex_texture(self, values: torch.Tensor, resolution: int = None) -> torch.Tensor:

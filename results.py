@@ -253,13 +253,12 @@ PART_MATERIALS = {'mouth': ((0.42, 0.10, 0.10), 0.45), 'teeth': ((0.80, 0.76, 0.
 LEFT_OUT_PARTS = ('lacrimal_fluid', 'eye_blend', 'eye_occlusion')
 
 
-def head_centre(neutral: np.ndarray, landmark_vertices: np.ndarray, whole_head: bool) -> np.ndarray:
-    """The centre of the head [3] (model frame, mm) of its neutral vertices [verts, 3]: between
-    the eyes in x and y; in depth halfway between the face and the back of the head, or (a face
-    mask) HEAD_CENTRE_BEHIND_EYES behind the eyes."""
-    eyes = landmark_vertices[36:48]
-    eyes = eyes[eyes >= 0]
-    centre = (neutral[eyes] if len(eyes) else neutral).mean(0)
+def head_centre(neutral: np.ndarray, eye_points: np.ndarray, whole_head: bool) -> np.ndarray:
+    """The centre of the head [3] (model frame, mm) of its neutral vertices [verts, 3] and the
+    eye landmarks on them [k, 3] (k may be 0): between the eyes in x and y; in depth halfway
+    between the face and the back of the head, or (a face mask) HEAD_CENTRE_BEHIND_EYES behind
+    the eyes."""
+    centre = (eye_points if len(eye_points) else neutral).mean(0)
     if whole_head:
         centre[2] = (neutral[:, 2].min() + neutral[:, 2].max()) / 2
     else:

@@ -288,7 +288,7 @@ def track(tracks: list, model: MorphableModel, identity: torch.Tensor, focal: fl
     SAVE_SECONDS, at the end, and when the run is interrupted: every finished frame is kept."""
     fit_config = config.replace(optimizeFocalLength=False, camFocalLength=focal)
     focal_tensor = torch.tensor([focal], dtype=torch.float64)
-    mean_points = model.mean_shape[model.landmark_vertices.clamp_min(0)].numpy()
+    mean_points = model.landmark_points(model.mean_shape[None])[0].numpy()
     frames = clip.frames() if refiner is not None else iter(())
     previous, last_save = None, time.perf_counter()
     try:

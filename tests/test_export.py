@@ -64,7 +64,7 @@ def test_the_ict_glb_is_the_whole_head_upright_life_size_with_the_camera_of_the_
     assert sum(len(g.faces) for g in scene.geometry.values()) == int(
         (~np.isin(head.parts.numpy(), [morphableModel.HEAD_PARTS.index(p) for p in results.LEFT_OUT_PARTS])).sum())
     # metres, +Y up, the face along +Z, the origin in the head
-    lm = model.landmark_vertices.numpy()
+    lm = model.landmark_vertices[:, 0].numpy()  # ICT's landmarks are vertices
     top, bottom = positions[:26719, 1].max(), positions[:26719, 1].min()
     chin, nose = positions[lm[8]], positions[lm[30]]
     print(f'glb: height with neck {top - bottom:.3f} m, top of head to chin {top - chin[1]:.3f} m, '

@@ -20,10 +20,10 @@ def test_bfm_loads_by_its_schema(small_bfm):
     assert model.diffuse_basis.shape == (30, n, 3) and model.specular_basis.shape == (30, n, 3)
     assert model.faces.shape == small_bfm['triangles'].shape
     # canonical frame: y down, face toward the camera (nose tip has the smallest z)
-    nose = model.landmark_vertices[30]
+    nose = model.landmark_vertices[30, 0]
     assert nose >= 0 and model.mean_shape[nose, 2] < model.mean_shape[:, 2].mean() - 20
-    forehead_y = model.mean_shape[model.landmark_vertices[21], 1]
-    chin_y = model.mean_shape[model.landmark_vertices[8], 1]
+    forehead_y = model.mean_shape[model.landmark_vertices[21, 0], 1]
+    chin_y = model.mean_shape[model.landmark_vertices[8, 0], 1]
     assert forehead_y < chin_y
     # σ-scaled basis: a unit coefficient moves the vertices by √variance in total
     with h5py.File(os.path.join(small_bfm['folder'], modelFiles.BFM_FILE)) as h5:
@@ -31,13 +31,14 @@ def test_bfm_loads_by_its_schema(small_bfm):
     assert np.isclose(float(model.shape_basis[3].norm()), np.sqrt(variance[3]), rtol=1e-4)
     # named landmarks map to the vertices they were made from; the others are unknown
     named = sorted(modelFiles.BFM_NAMED_LANDMARKS.values())
-    assert (model.landmark_vertices[named].numpy() == small_bfm['landmark_vertices'][named]).all()
-    assert (model.landmark_vertices.numpy() >= 0).sum() == len(named)
+    assert (model.landmark_vertices[named].numpy() == small_bfm['landmark_vertices'][named, None]).all()
+    assert (model.landmark_barycentric[named].numpy() == [1, 0, 0]).all()
+    assert int(model.landmark_usable.sum()) == len(named)
 
 
 def test_association_file_gives_all_68(small_bfm):
     model = modelFiles.load_bfm2017(small_bfm['folder'], small_bfm['association'])
-    assert (model.landmark_vertices.numpy() == small_bfm['landmark_vertices']).all()
+    assert (model.landmark_vertices.numpy() == small_bfm['landmark_vertices'][:, None]).all()
 
 
 def test_expression_mean_is_added(small_bfm, tmp_path):

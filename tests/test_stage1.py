@@ -18,7 +18,7 @@ def rotation_error_degrees(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 def synthetic_images(model, truth, size=256):
     centres = torch.tensor([[size / 2, size / 2]] * truth.expression.shape[0])
     vertices = pipeline.model_vertices(model, truth)
-    points = pipeline.project(vertices[:, model.landmark_vertices], truth.focal, centres).numpy()
+    points = pipeline.project(model.landmark_points(vertices), truth.focal, centres).numpy()
     return [FitImage(i, f'synthetic{i}', np.zeros((size, size, 3), np.float32), 1.0, p)
             for i, p in enumerate(points)]
 

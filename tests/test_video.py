@@ -163,7 +163,7 @@ def test_the_animated_head_plays_the_clip(tracked, ict_folder):
     k = 30  # a frame of the first shot, turned
     frame = tracked_frames[k]
     assert np.allclose(weights[k], frame['expression'], atol=1e-5)
-    lm = model.landmark_vertices.numpy()
+    lm = model.landmark_vertices[:, 0].numpy()  # ICT's landmarks are vertices
     base = read(mesh.primitives[0].attributes.POSITION)[lm]
     shapes = np.stack([read(target['POSITION'])[lm] for target in mesh.primitives[0].targets])  # [53, 68, 3]
     posed = base + np.einsum('k,kvc->vc', weights[k], shapes)
@@ -217,7 +217,7 @@ def test_tracking_recovers_known_yaw_and_jaw_curves(ict_folder):
     params.expression[:, model.expression_names.index('jawOpen')] = torch.from_numpy(jaw).float()
     params.focal[:] = focal
     centres = torch.tensor([[size[0] / 2, size[1] / 2]]).expand(frames, 2)
-    points = pipeline.project(pipeline.model_vertices(model, params)[:, model.landmark_vertices], params.focal,
+    points = pipeline.project(model.landmark_points(pipeline.model_vertices(model, params)), params.focal,
                               centres).numpy()
     points += np.random.default_rng(0).normal(0, 0.5, points.shape)
     tracks = tracking.Tracks()
