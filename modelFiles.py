@@ -308,6 +308,11 @@ FLAME_MODEL_FILES = ('flame2023.pkl', 'flame2023_Open.pkl', 'flame2023_open.pkl'
 FLAME_EMBEDDINGS = ('landmark_embedding.npy', 'flame_static_embedding.pkl')
 FLAME_JOINTS = ('global', 'neck', 'jaw', 'left_eye', 'right_eye')  # FLAME's order of its pose
 FLAME_FITTED_JOINTS = ('jaw',)  # the neck turns with the head pose; the eyes stay at rest
+# The prior σ of a fitted joint angle (radians): the fit's pose coefficients are in its units, as
+# all coefficients are in units of their σ (a wide-open mouth is about 0.4 rad, 1.6σ). With σ = 1 rad
+# Adam's steps of stage 2 (0.1 a step) threw a synthetic jaw from 0.24 to 0.30 rad (true 0.25) in 20
+# steps; with 0.15 the prior held the landmark fit at 0.205; with 0.25: 0.225, then 0.235.
+FLAME_POSE_SIGMA = 0.25
 FLAME_SHAPE, FLAME_EXPRESSION = 300, 100  # shapedirs' columns: identity first, then expression
 # Without FLAME_masks.pkl the fitted face region is the front-facing surface inside the jaw line
 # and the brows raised by this share of the brow-to-chin height (the forehead).
@@ -348,6 +353,8 @@ _SAFE_GLOBALS = {
     ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset,
     ('copyreg', '_reconstructor'): _reconstructor,
 }
+for (_module, _name), _value in list(_SAFE_GLOBALS.items()):  # Python 2's names of the same
+    _SAFE_GLOBALS[{'builtins': '__builtin__', 'copyreg': 'copy_reg'}.get(_module, _module), _name] = _value
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -622,7 +629,8 @@ def _build_flame(model_file: str) -> MorphableModel:
     skinning = dict(parents=parents, joint_mean=regressor @ template, joint_shape_basis=regress(shape_basis),
                     joint_expression_basis=regress(expression_basis),
                     pose_basis=posedirs.transpose(2, 0, 1), weights=weights,
-                    posed_joints=np.array([FLAME_JOINTS.index(name) for name in FLAME_FITTED_JOINTS]))
+                    posed_joints=np.array([FLAME_JOINTS.index(name) for name in FLAME_FITTED_JOINTS]),
+                    pose_sigma=FLAME_POSE_SIGMA)
     head = dict(mean_shape=template, shape_basis=shape_basis, expression_basis=expression_basis, faces=faces,
                 uvs=uvs, uv_faces=uv_faces, parts=parts)
     return canonical_model('flame', template, shape_basis, expression_basis, faces[in_face], uvs, uv_faces[in_face],

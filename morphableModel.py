@@ -482,7 +482,7 @@ def canonical_model(name, mean_shape, shape_basis, expression_basis, faces, uvs,
             joint_shape_basis=_tensor(skinning['joint_shape_basis'] * TO_CAMERA_FRAME),
             joint_expression_basis=_tensor(skinning['joint_expression_basis'] * TO_CAMERA_FRAME),
             pose_basis=_tensor(skinning['pose_basis'] * TO_CAMERA_FRAME), weights=_tensor(skinning['weights']),
-            frame=_tensor(TO_CAMERA_FRAME), origin=_tensor(centre))
+            frame=_tensor(TO_CAMERA_FRAME), origin=_tensor(centre), pose_sigma=_tensor(np.array(skinning['pose_sigma'])))
         head_mesh = head_mesh and dataclasses.replace(head_mesh, skinning=skinning)
     return MorphableModel(
         name=name, mean_shape=_tensor(mean_shape), shape_basis=_tensor(shape_basis),

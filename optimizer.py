@@ -319,6 +319,9 @@ def write_image_results(folder: str, label: str, pipeline: Pipeline, params: Sce
     writes[f'mesh{label}.obj, params{label}.json and landmarks{label}.png'] = lambda: results.write_geometry(
         folder, label, image, model, params.for_image(row), vertices, decoded['vertex_pixels'][row],
         decoded['landmarks'][row], usable, with_material=params.stage >= 2)
+    if model.name == 'flame':
+        writes[f'flame{label}.json'] = lambda: utils.write_text(path(f'flame{label}.json'), results.flame_json(
+            params.for_image(row), image, model, modelFiles.FLAME_JOINTS))
     neutral = decoded['neutral_heads'][identity].numpy()
     centre = results.head_centre(neutral, eye_points(model, neutral), mesh.whole_head)
     writes[f'head{label}.glb'] = lambda: results.write_glb(

@@ -162,6 +162,35 @@ def params_json(params: SceneParameters, image: FitImage, model_name: str) -> st
     return json.dumps(record, indent=1)
 
 
+def flame_json(params: SceneParameters, image: FitImage, model: MorphableModel, joint_names: tuple) -> str:
+    """``flame{i}.json`` of one image (``params`` of that image alone, ``model`` FLAME): the
+    numbers FLAME's own tools take. shape and expression coefficients, the pose of FLAME's joints
+    (``joint_names``, FLAME's order: axis-angles in FLAME's frame), and the translation (m) that,
+    with the root pose, puts the head in the camera's frame turned into FLAME's axes (x right, y
+    up, the camera looking along -z, metres); the camera's focal length and image size."""
+    skinning = model.skinning
+    blendshapes = model.expression_basis.shape[0]
+    expression, joint_pose = params.expression[:, :blendshapes], params.expression[:, blendshapes:]
+    root, shift = skinning.model_frame_pose(params.rotation, params.translation, params.identity, expression)
+    pose = torch.zeros(len(joint_names), 3)
+    pose[0] = root[0]
+    pose[skinning.posed_joints] = skinning.axis_angles(joint_pose)[0]
+    as_list = lambda t: t.detach().cpu().numpy().astype(float).round(8).tolist()
+    width, height = image.size
+    record = dict(
+        source=image.path, model='flame', shape=as_list(params.identity[0]), expression=as_list(expression[0]),
+        pose=as_list(pose.reshape(-1)), pose_joints=list(joint_names),
+        **{f'{name}_pose': as_list(pose[k]) for k, name in enumerate(joint_names)},
+        translation=as_list(shift[0] * MM_TO_M),
+        camera=dict(focal=float(params.focal[0]), width=width, height=height, principal_point=[width / 2, height / 2],
+                    scale=image.scale, crop=[int(c) for c in image.crop]),
+        conventions="FLAME's frame and units: vertices = FLAME(shape, expression, pose) + translation, in metres, "
+                    "in the camera's frame with x right, y up and the camera at the origin looking along -z; "
+                    "pixel = (w/2 + focal*x/(-z), h/2 - focal*y/(-z)) in the fitted image, input pixel = crop + "
+                    "pixel / scale; pose: axis-angle per joint in FLAME's order (global first)")
+    return json.dumps(record, indent=1)
+
+
 def draw_face(canvas: Image.Image, faces: np.ndarray, vertices: np.ndarray, vertex_pixels: np.ndarray,
               dots: list) -> Image.Image:
     """``canvas`` with the face's front-facing wireframe (white) and ``dots`` [(points [k, 2], RGBA

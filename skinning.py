@@ -73,16 +73,23 @@ class Skinning:
     posed_joints: torch.Tensor            # [k] int64: the joints whose rotations the fit estimates
     frame: torch.Tensor                   # [3] the model frame -> canonical frame axis signs
     origin: torch.Tensor                  # [3] mm, the model-frame point at the canonical origin
+    pose_sigma: torch.Tensor              # [] radians per unit of a pose coefficient (its prior's σ)
 
     @property
     def n_pose(self) -> int:
         """Pose parameters that follow the expression blendshape coefficients: 3 per posed joint."""
         return 3 * len(self.posed_joints)
 
+    def axis_angles(self, pose: torch.Tensor) -> torch.Tensor:
+        """Pose coefficients [n, k·3] (units of ``pose_sigma``, like every coefficient of the fit
+        in units of its prior's σ) -> the posed joints' axis-angles [n, k, 3] (radians, model frame)."""
+        return pose.reshape(len(pose), -1, 3) * self.pose_sigma
+
     def joint_rotations(self, pose: torch.Tensor) -> torch.Tensor:
-        """Axis-angles of the posed joints [n, k·3] (model frame) -> rotations of every joint
+        """Pose coefficients of the posed joints [n, k·3] -> rotations of every joint
         [n, joints, 3, 3] (the others at rest), in the model frame."""
-        posed = {int(joint): pose[:, 3 * k:3 * k + 3] for k, joint in enumerate(self.posed_joints)}
+        angles = self.axis_angles(pose)
+        posed = {int(joint): angles[:, k] for k, joint in enumerate(self.posed_joints)}
         rest = pose.new_zeros(pose.shape[0], 3)  # built without writing in place: jacfwd runs through it
         return rotation_matrix(torch.stack([posed.get(joint, rest) for joint in range(len(self.parents))], 1))
 
@@ -92,8 +99,7 @@ class Skinning:
         coefficients, posed by ``pose`` [n, k·3] -> vertices [n, verts, 3] (canonical frame)."""
         rotations = self.joint_rotations(pose)
         corrected = rest + torch.einsum('nf,fvc->nvc', pose_features(rotations), self.pose_basis.to(rest.dtype))
-        joints = (self.joint_mean + torch.einsum('nk,kjc->njc', identity, self.joint_shape_basis)
-                  + torch.einsum('nk,kjc->njc', expression, self.joint_expression_basis))
+        joints = self.joints(identity, expression)
         flip = self.frame.to(rest.dtype)
         canonical_rotations = rotations * flip[:, None] * flip[None, :]  # F R F, F = diag(frame)
         return blend_skinning(corrected, joint_transforms(canonical_rotations, joints, self.parents), self.weights)
@@ -101,4 +107,28 @@ class Skinning:
     def at_vertices(self, index: torch.Tensor) -> 'Skinning':
         """The same joints driving only the vertices ``index`` [k]."""
         return Skinning(self.parents, self.joint_mean, self.joint_shape_basis, self.joint_expression_basis,
-                        self.pose_basis[:, index], self.weights[index], self.posed_joints, self.frame, self.origin)
+                        self.pose_basis[:, index], self.weights[index], self.posed_joints, self.frame, self.origin,
+                        self.pose_sigma)
+
+    def joints(self, identity: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
+        """Rest joints [n, joints, 3] (canonical frame) of identity [n, n_shape] and blendshape
+        expression [n, n_expr] coefficients."""
+        return (self.joint_mean + torch.einsum('nk,kjc->njc', identity, self.joint_shape_basis)
+                + torch.einsum('nk,kjc->njc', expression, self.joint_expression_basis))
+
+    def model_frame_pose(self, rotation: torch.Tensor, translation: torch.Tensor, identity: torch.Tensor,
+                         expression: torch.Tensor) -> tuple:
+        """The camera pose of the fit (X_cam = R X + t: axis-angle [n, 3], t [n, 3] mm, canonical
+        X) as the model's own root pose: the model posed with root rotation ``root`` about its
+        root joint and then moved by ``shift`` lands in the camera frame turned into the model's
+        axes (X_model_cam = F X_cam, F = diag(frame)). -> (root axis-angle [n, 3], shift [n, 3] mm).
+
+        The model's vertices x (model frame) are X = F (x - origin) canonically, so X_model_cam =
+        F R F (x - origin) + F t; the model's root turn gives R0 (x - J0) + J0 + shift with
+        R0 = F R F: hence shift = F t - R0 origin + R0 J0 - J0."""
+        flip = self.frame.to(rotation.dtype)
+        root = rotation * flip  # F is a half turn: F R(ω) F = R(F ω)
+        turn = rotation_matrix(root)
+        root_joint = self.joints(identity, expression)[:, 0] * flip + self.origin  # model frame [n, 3]
+        apply = lambda points: (turn @ points[..., None])[..., 0]
+        return root, translation * flip - apply(self.origin.expand_as(root_joint)) + apply(root_joint) - root_joint

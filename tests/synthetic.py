@@ -9,6 +9,7 @@ orthonormalised, so the files have the real schema: ``model/mean`` [3N] interlea
 import json
 import math
 import os
+import pickle
 
 import h5py
 import numpy as np
@@ -223,3 +224,153 @@ def render_face_clip(path: str, model, diffuse_srgb: np.ndarray, frames: int) ->
                 rendered = scene.render(params, 0, 16, i, scene.vertices(params)[0]).numpy()
             out.write(results.to_uint8(results.composite(rendered, np.full((height, width, 3), 0.35, np.float32))))
     return yaw, jaw
+
+
+# ------------------------------------------------------------------------------ FLAME's files
+
+FLAME_JOINT_NAMES = ('global', 'neck', 'jaw', 'left_eye', 'right_eye')
+EYEBALL_RADIUS = 12.0  # mm
+
+
+def sphere_mesh(centre: np.ndarray, radius: float, rings: int = 6, segments: int = 10) -> tuple:
+    """A closed UV sphere -> vertices [2 + (rings - 1)·segments, 3], outward triangles [t, 3]."""
+    polar = np.repeat(np.arange(1, rings) * np.pi / rings, segments)
+    azimuth = np.tile(np.arange(segments) * 2 * np.pi / segments, rings - 1)
+    ring_points = np.stack([np.sin(polar) * np.cos(azimuth), np.cos(polar), np.sin(polar) * np.sin(azimuth)], 1)
+    points = np.concatenate([[[0, 1, 0]], ring_points, [[0, -1, 0]]]) * radius + centre
+    index = lambda ring, seg: 1 + ring * segments + seg % segments
+    seg, last = np.arange(segments), 1 + (rings - 1) * segments
+    triangles = [np.stack([np.zeros(segments, int), index(0, seg + 1), index(0, seg)], 1)]
+    for ring in range(rings - 2):
+        a, b, c, d = index(ring, seg), index(ring, seg + 1), index(ring + 1, seg), index(ring + 1, seg + 1)
+        triangles += [np.stack([a, b, d], 1), np.stack([a, d, c], 1)]
+    triangles.append(np.stack([np.full(segments, last), index(rings - 2, seg), index(rings - 2, seg + 1)], 1))
+    return points, np.concatenate(triangles)
+
+
+def embed_points(vertices: np.ndarray, triangles: np.ndarray, points_xy: np.ndarray) -> tuple:
+    """The triangle of a height-field mesh under each (x, y) point [k, 2] and the point's
+    barycentric weights -> (triangle index [k], weights [k, 3])."""
+    corners = vertices[triangles][:, :, :2]  # [t, 3, 2]
+    found, weights = [], []
+    for point in points_xy:
+        e1, e2, p = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], point - corners[:, 0]
+        det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+        b1 = (p[:, 0] * e2[:, 1] - p[:, 1] * e2[:, 0]) / det
+        b2 = (e1[:, 0] * p[:, 1] - e1[:, 1] * p[:, 0]) / det
+        b = np.stack([1 - b1 - b2, b1, b2], 1)
+        best = int(np.argmax(b.min(1)))  # the triangle it lies deepest in
+        found.append(best)
+        weights.append(b[best])
+    return np.array(found, np.int64), np.array(weights)
+
+
+class _ChumpyArray:
+    """Pickles as chumpy's ``Ch`` does (protocol 2: the class, then its ``__dict__`` less the weak
+    references), without chumpy."""
+
+    def __init__(self, x):
+        self.x = np.asarray(x, np.float64)
+
+    def __getstate__(self):
+        return {'x': self.x, '_dirty_vars': set(), '_itr': None, '_depends_on_deps': {},
+                '_make_dense': False, '_make_sparse': False}
+
+
+def dump_chumpy_pickle(path: str, data: dict) -> None:
+    """Pickle ``data`` (with ``_ChumpyArray`` values) as the FLAME 2020 files are: protocol 2, the
+    chumpy arrays as ``chumpy.ch.Ch`` objects."""
+    import sys
+    import types
+    saved = {name: sys.modules.get(name) for name in ('chumpy', 'chumpy.ch')}
+    module = types.ModuleType('chumpy.ch')
+    module.Ch = _ChumpyArray
+    _ChumpyArray.__module__, _ChumpyArray.__qualname__ = 'chumpy.ch', 'Ch'
+    sys.modules['chumpy'], sys.modules['chumpy.ch'] = types.ModuleType('chumpy'), module
+    try:
+        with open(path, 'wb') as file:
+            pickle.dump(data, file, protocol=2)
+    finally:
+        _ChumpyArray.__module__, _ChumpyArray.__qualname__ = __name__, '_ChumpyArray'
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
+
+
+def write_flame(folder: str, rings: int = 16, segments: int = 32, n_shape: int = 300, n_expression: int = 100,
+                seed: int = 0, embedding: str = 'deca', masks: bool = False, file_name: str = 'generic_model.pkl') -> dict:
+    """A small head in FLAME's exact file formats: ``file_name`` (the keys, dtypes and chumpy
+    arrays of FLAME 2020's generic_model.pkl, metres, a scipy-sparse J_regressor), the 68-point
+    embedding (``embedding``: 'deca' -> landmark_embedding.npy with its static 51 and dynamic
+    contour, 'ringnet' -> flame_static_embedding.pkl + flame_dynamic_embedding.npy) and with
+    ``masks`` FLAME_masks.pkl. The head: the synthetic face as skin, and two eyeballs (separate
+    shells, as FLAME's). -> a dict of the arrays written (FLAME frame, metres)."""
+    import scipy.sparse
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    face, face_triangles = face_mesh(rings, segments)
+    eye_centres = [np.array([x, 28.0, face_height(np.array(x), np.array(28.0)) - EYEBALL_RADIUS - 2]) for x in (33.0, -33.0)]
+    parts, triangles, offset = [face], [face_triangles], len(face)
+    for centre in eye_centres:  # left eye (+x, the subject's left), then right
+        points, tris = sphere_mesh(centre, EYEBALL_RADIUS)
+        parts.append(points)
+        triangles.append(tris + offset)
+        offset += len(points)
+    vertices_mm = np.concatenate(parts).astype(np.float64)
+    faces = np.concatenate(triangles)
+    n, n_face = len(vertices_mm), len(face)
+    eyes = [np.arange(n_face, n_face + len(parts[1])), np.arange(n_face + len(parts[1]), n)]
+
+    decay = lambda k, first: first * 0.97 ** np.arange(k)
+    basis = lambda count, rms: (_smooth_basis(vertices_mm, count, 3, rng).reshape(n, 3, count)
+                                * np.sqrt(n) * decay(count, rms))  # per-vertex rms (mm) of each column
+    shapedirs = np.concatenate([basis(n_shape, 4.0), basis(n_expression, 2.4)], axis=2) / 1000
+    posedirs = basis(36, 0.5) / 1000
+
+    x, y = vertices_mm[:, 0], vertices_mm[:, 1]
+    rim = np.arange(n_face - segments, n_face)  # the outer ring of the face
+    pick = lambda mask: rim[mask[rim]]
+    regressor = np.zeros((5, n))
+    for joint, members in enumerate([pick(y < -90), pick(y < -60), pick((np.abs(x) > 60) & (y > -30) & (y < 0)),
+                                     eyes[0], eyes[1]]):
+        regressor[joint, members] = 1 / len(members)
+    jaw = np.clip((-y - 38) / 10, 0, 1)  # the lower lip and chin follow the jaw
+    weights = np.zeros((n, 5))
+    weights[:n_face, 2], weights[:n_face, 1] = jaw[:n_face], 1 - jaw[:n_face]
+    weights[eyes[0], 3] = weights[eyes[1], 4] = 1
+    template = vertices_mm / 1000
+    model = {'f': faces.astype(np.uint32), 'v_template': template, 'shapedirs': _ChumpyArray(shapedirs),
+             'posedirs': posedirs, 'J_regressor': scipy.sparse.csc_matrix(regressor),
+             'kintree_table': np.array([[4294967295, 0, 1, 1, 1], [0, 1, 2, 3, 4]], np.int64),
+             'J': _ChumpyArray(regressor @ template), 'weights': weights, 'bs_style': 'lbs', 'bs_type': 'lrotmin'}
+    dump_chumpy_pickle(os.path.join(folder, file_name), model)
+
+    layout = ibug_layout()
+    static_faces, static_weights = embed_points(face, face_triangles, layout[17:])
+    contour_faces, contour_weights = embed_points(face, face_triangles, layout[:17])
+    # a contour per head turn (-39° .. 39°); only the middle one is the frontal contour
+    wrong = [embed_points(face, face_triangles, layout[:17] + [2.0 * (k - 39), 0]) for k in range(79)]
+    dynamic_faces = np.stack([contour_faces if k == 39 else w[0] for k, w in enumerate(wrong)])
+    dynamic_weights = np.stack([contour_weights if k == 39 else w[1] for k, w in enumerate(wrong)])
+    if embedding == 'deca':
+        np.save(os.path.join(folder, 'landmark_embedding.npy'), {
+            'static_lmk_faces_idx': static_faces, 'static_lmk_bary_coords': static_weights,
+            'dynamic_lmk_faces_idx': dynamic_faces, 'dynamic_lmk_bary_coords': dynamic_weights}, allow_pickle=True)
+    else:
+        with open(os.path.join(folder, 'flame_static_embedding.pkl'), 'wb') as file:
+            pickle.dump({'lmk_face_idx': static_faces.astype(np.uint32), 'lmk_b_coords': static_weights}, file, protocol=2)
+        np.save(os.path.join(folder, 'flame_dynamic_embedding.npy'),
+                {'lmk_face_idx': dynamic_faces, 'lmk_b_coords': dynamic_weights}, allow_pickle=True)
+    if masks:
+        inner = np.flatnonzero((x[:n_face] / FACE_HALF_WIDTH) ** 2 + (y[:n_face] / FACE_HALF_HEIGHT) ** 2 < 0.6)
+        with open(os.path.join(folder, 'FLAME_masks.pkl'), 'wb') as file:
+            pickle.dump({'face': inner, 'left_eyeball': eyes[0], 'right_eyeball': eyes[1],
+                         'scalp': np.setdiff1d(np.arange(n_face), inner)}, file, protocol=2)
+    landmark_faces = np.concatenate([contour_faces, static_faces])
+    landmark_weights = np.concatenate([contour_weights, static_weights])
+    return dict(folder=folder, template=template, faces=faces, shapedirs=shapedirs, posedirs=posedirs,
+                regressor=regressor, weights=weights, parents=np.array([-1, 0, 1, 1, 1]),
+                landmark_corners=faces[landmark_faces], landmark_weights=landmark_weights, eyes=eyes,
+                n_shape=n_shape)
