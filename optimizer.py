@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
             return replay(args.output, config)
     checkpoints.refuse_results_as_inputs(args.input, args.output)
     if args.video or video.is_video(args.input):
+        if config.model == 'flame':  # the clip's head.glb animates blendshapes; FLAME's jaw is a joint
+            raise config_module.ConfigError("clips are tracked with the blendshape models (model = 'ict' or "
+                                            "'bfm2017'); FLAME fits photos: extract the frames to fit them")
         clip = video.Clip(args.input, args.fps)
         fit = lambda: fit_clip(args, config, clip)
     else:

@@ -300,12 +300,14 @@ def dump_chumpy_pickle(path: str, data: dict) -> None:
 
 
 def write_flame(folder: str, rings: int = 16, segments: int = 32, n_shape: int = 300, n_expression: int = 100,
-                seed: int = 0, embedding: str = 'deca', masks: bool = False, file_name: str = 'generic_model.pkl') -> dict:
+                seed: int = 0, embedding: str = 'deca', masks: bool = False, file_name: str = 'generic_model.pkl',
+                texture: str = '') -> dict:
     """A small head in FLAME's exact file formats: ``file_name`` (the keys, dtypes and chumpy
     arrays of FLAME 2020's generic_model.pkl, metres, a scipy-sparse J_regressor), the 68-point
     embedding (``embedding``: 'deca' -> landmark_embedding.npy with its static 51 and dynamic
     contour, 'ringnet' -> flame_static_embedding.pkl + flame_dynamic_embedding.npy) and with
-    ``masks`` FLAME_masks.pkl. The head: the synthetic face as skin, and two eyeballs (separate
+    ``masks`` FLAME_masks.pkl; ``texture``: 'bfm' -> FLAME_albedo_from_BFM.npz, 'flame' ->
+    FLAME_texture.npz (a small texture space: 32² texels, 5 components, FLAME's UV layout of vt/ft). The head: the synthetic face as skin, and two eyeballs (separate
     shells, as FLAME's). -> a dict of the arrays written (FLAME frame, metres)."""
     import scipy.sparse
     rng = np.random.default_rng(seed)
@@ -368,9 +370,31 @@ def write_flame(folder: str, rings: int = 16, segments: int = 32, n_shape: int =
         with open(os.path.join(folder, 'FLAME_masks.pkl'), 'wb') as file:
             pickle.dump({'face': inner, 'left_eyeball': eyes[0], 'right_eyeball': eyes[1],
                          'scalp': np.setdiff1d(np.arange(n_face), inner)}, file, protocol=2)
+    uvs = uv_faces = None
+    if texture:
+        uvs, uv_faces = write_flame_texture(folder, texture, vertices_mm, faces, n_face, rng)
     landmark_faces = np.concatenate([contour_faces, static_faces])
     landmark_weights = np.concatenate([contour_weights, static_weights])
     return dict(folder=folder, template=template, faces=faces, shapedirs=shapedirs, posedirs=posedirs,
                 regressor=regressor, weights=weights, parents=np.array([-1, 0, 1, 1, 1]),
                 landmark_corners=faces[landmark_faces], landmark_weights=landmark_weights, eyes=eyes,
-                n_shape=n_shape)
+                n_shape=n_shape, uvs=uvs, uv_faces=uv_faces)
+
+
+def write_flame_texture(folder: str, kind: str, vertices_mm: np.ndarray, faces: np.ndarray, n_face: int, rng,
+                        side: int = 32, components: int = 5) -> tuple:
+    """A texture space in FLAME's layouts (BGR texels, row 0 at v = 1, one UV per corner: vt
+    [uv_verts, 2], ft [tris, 3]): the face laid out by its x, y; the eyeballs in one corner.
+    -> (vt, ft)."""
+    vt = np.stack([vertices_mm[:, 0] / (2.2 * FACE_HALF_WIDTH) + 0.5, vertices_mm[:, 1] / (2.2 * FACE_HALF_HEIGHT) + 0.5], 1)
+    vt[n_face:] = [0.03, 0.03]
+    ft = faces.copy()  # one UV per vertex: the same indices
+    texels = side * side * 3
+    if kind == 'bfm':
+        arrays = dict(MU=rng.uniform(0.2, 0.7, (1, texels)), PC=rng.normal(0, 0.02, (texels, components)),
+                      specMU=rng.uniform(0.1, 0.3, (1, texels)), specPC=rng.normal(0, 0.01, (texels, components)))
+    else:
+        arrays = dict(mean=rng.uniform(60, 200, (side, side, 3)), tex_dir=rng.normal(0, 5, (side, side, 3, components)))
+    np.savez(os.path.join(folder, 'FLAME_albedo_from_BFM.npz' if kind == 'bfm' else 'FLAME_texture.npz'),
+             vt=vt, ft=ft, **arrays)
+    return vt, ft

@@ -82,9 +82,13 @@ def test_flame_files_read_without_chumpy(flame):
     assert np.allclose(joints, expected, atol=1e-3)
 
 
-def test_ringnet_embedding_masks_and_flame_2023_name(tmp_path):
+def test_ringnet_embedding_masks_template_uvs_and_flame_2023_name(tmp_path):
     files = synthetic.write_flame(str(tmp_path), embedding='ringnet', masks=True, file_name='flame2023.pkl')
+    uvs = np.random.default_rng(0).uniform(0, 1, (len(files['faces']) * 3, 2))  # FLAME's OBJ: UVs per corner
+    uv_faces = np.arange(len(uvs)).reshape(-1, 3)
+    results.write_obj(str(tmp_path / 'head_template_mesh.obj'), files['template'], files['faces'], uvs, uv_faces)
     model = modelFiles.load_flame(str(tmp_path))
+    assert np.allclose(model.head.uvs.numpy(), uvs, atol=1e-6) and (model.head.uv_faces.numpy() == uv_faces).all()
     assert (model.landmark_vertices.numpy() == files['landmark_corners']).all()
     with open(tmp_path / 'FLAME_masks.pkl', 'rb') as file:
         face = pickle.load(file)['face']
@@ -186,3 +190,55 @@ def test_fit_recovers_jaw_opening_and_head_pose(flame, tmp_path, capsys):
                      if line.startswith('v ')], float)
     assert len(mesh) == len(flame['template'])
     assert np.abs(from_flame_json(flame, record) - mesh).max() < 0.01
+    # the glb holds the whole head (its vertices first, in FLAME's order), the eyeballs as eyes
+    import pygltflib
+    import trimesh
+    positions = trimesh.load(str(output / 'head0.glb'), process=False).geometry['head'].vertices
+    document = pygltflib.GLTF2().load(str(output / 'head0.glb'))
+    assert {document.materials[p.material].name for p in document.meshes[0].primitives} == {'face', 'skin', 'sclera'}
+    # glTF's frame is FLAME's (metres, y up, the face along +z): the head as FLAME poses it at its root
+    pose = np.array(record['pose'])
+    pose[:3] = 0
+    upright = flame_forward(flame, np.array(record['shape']), np.array(record['expression']), pose, np.zeros(3))
+    placed = positions[:len(upright)]
+    assert np.abs((placed - placed.mean(0)) - (upright - upright.mean(0))).max() < 1e-5
+
+
+@pytest.mark.parametrize('input_name, extra, message', [
+    ('face.png', ['--set', 'path=/nonexistent'], 'flame.is.tue.mpg.de'),
+    ('clip.mp4', [], "FLAME fits photos"),
+])
+def test_command_line_errors(flame, tmp_path, capsys, input_name, extra, message):
+    source = tmp_path / input_name
+    source.write_bytes(b'not read')
+    status = optimizer.main(['--input', str(source), '--output', str(tmp_path / 'out'), '--set', 'model=flame',
+                             '--set', f'path={flame["folder"]}'] + extra)
+    out = capsys.readouterr()
+    assert status == 2 and message in out.out + out.err and 'Traceback' not in out.out + out.err
+
+
+def sample_texture(image: np.ndarray, uvs: np.ndarray) -> np.ndarray:
+    """Bilinear samples [k, c] of an image [side, side, c] (row 0 at v = 1) at uvs [k, 2]."""
+    import scipy.ndimage
+    side = image.shape[0]
+    rows, columns = (1 - uvs[:, 1]) * side - 0.5, uvs[:, 0] * side - 0.5
+    return np.stack([scipy.ndimage.map_coordinates(image[..., c], [rows, columns], order=1, mode='nearest')
+                     for c in range(image.shape[-1])], axis=1)
+
+
+@pytest.mark.parametrize('kind', ['bfm', 'flame'])
+def test_texture_space_at_the_vertices(tmp_path, kind):
+    files = synthetic.write_flame(str(tmp_path), texture=kind)
+    model = modelFiles.load_flame(str(tmp_path))
+    assert model.has_albedo_model and model.n_albedo == 5
+    assert np.allclose(model.head.uvs.numpy(), files['uvs']) and (model.head.uv_faces.numpy() == files['uv_faces']).all()
+    with np.load(tmp_path / ('FLAME_albedo_from_BFM.npz' if kind == 'bfm' else 'FLAME_texture.npz')) as data:
+        mean = (data['MU'] if kind == 'bfm' else data['mean'] / 255).reshape(32, 32, 3)[..., ::-1]  # BGR texels
+        first = (data['PC'] if kind == 'bfm' else data['tex_dir'] / 255).reshape(32, 32, 3, 5)[..., ::-1, 0]
+    sampled, sampled_first = sample_texture(mean, files['uvs']), sample_texture(first, files['uvs'])
+    if kind == 'flame':  # FLAME's texture space is sRGB: the mean is linearised, the basis about it
+        import utils
+        slope = (utils.srgb_to_linear(sampled + 1e-4) - utils.srgb_to_linear(sampled)) / 1e-4
+        sampled, sampled_first = utils.srgb_to_linear(sampled), sampled_first * slope
+    assert np.allclose(model.diffuse_mean.numpy(), sampled, atol=2e-3)
+    assert np.allclose(model.diffuse_basis[0].numpy(), sampled_first, atol=2e-3)
