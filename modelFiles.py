@@ -415,12 +415,18 @@ def read_npy(path: str, what: str):
 
 
 def find_flame_file(path: str) -> str:
-    """The FLAME model file: ``path`` itself if it is one, else the first of FLAME_MODEL_FILES in it."""
+    """The FLAME model file: ``path`` itself if it is one, else the first of FLAME_MODEL_FILES in
+    it, else another ``flame*.pkl`` there (an edition named otherwise) that is not FLAME's masks
+    or landmark embedding."""
     if os.path.isfile(path):
         return path
     for name in FLAME_MODEL_FILES:
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
+    others = [name for name in sorted(os.listdir(path)) if name.lower().startswith('flame') and name.endswith('.pkl')
+              and name not in ('FLAME_masks.pkl', 'flame_static_embedding.pkl')] if os.path.isdir(path) else []
+    if others:
+        return os.path.join(path, others[0])
     raise ModelFileError(
         f"no FLAME model in '{path}' (looked for {', '.join(FLAME_MODEL_FILES)}). FLAME is downloaded "
         f"from {FLAME_URL}: {FLAME_EDITIONS}. Put the .pkl in that folder (or set 'path' to the file).")

@@ -93,8 +93,10 @@ def test_ringnet_embedding_masks_template_uvs_and_flame_2023_name(tmp_path):
     with open(tmp_path / 'FLAME_masks.pkl', 'rb') as file:
         face = pickle.load(file)['face']
     assert np.isin(model.faces.numpy(), face).all()  # the photometric fit sees FLAME's face region only
-    # ``path`` may also name the model file itself
+    # ``path`` may also name the model file itself; an edition of another name is found
     assert modelFiles.find_flame_file(str(tmp_path / 'flame2023.pkl')) == str(tmp_path / 'flame2023.pkl')
+    os.rename(tmp_path / 'flame2023.pkl', tmp_path / 'FLAME2023_open_edition.pkl')
+    assert modelFiles.find_flame_file(str(tmp_path)) == str(tmp_path / 'FLAME2023_open_edition.pkl')
 
 
 class _Payload:
