@@ -285,14 +285,14 @@ def learning_rate_factor(iteration: int, iterations: int) -> float:
     return 1.0 if progress < 0.5 else 1.0 - 1.8 * (progress - 0.5)
 
 
-def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Config, on_progress=None,
+def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Config, on_step=None,
               project=None) -> list:
     """Adam over ``groups`` (torch param groups) for ``iterations`` steps of the sum of
     ``loss_terms(iteration)`` (a dict of weighted terms by name) -> history: the terms and the
     seconds of each step. ``project()`` puts the parameters back into their bounds after each
     step. A non-finite loss puts back the last good values and halves the steps; it fails the
-    image after five in a row. ``on_progress(iteration)`` runs every ``debugFrequency`` steps and
-    after the last."""
+    image after five in a row. ``on_step(iteration, terms)`` runs after every step (it may raise
+    to stop the fit)."""
     adam = torch.optim.Adam(groups)
     base_rates = [group['lr'] for group in adam.param_groups]
     tensors = [t for group in groups for t in group['params']]
@@ -325,9 +325,8 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
             good = [t.detach().clone() for t in tensors]
         values = dict(zip(terms, torch.stack([term.detach() for term in terms.values()]).tolist()))  # one GPU sync
         history.append(dict(values, seconds=time.perf_counter() - start))
-        if on_progress is not None and config.debugFrequency > 0 and (
-                iteration % config.debugFrequency == 0 or iteration == iterations - 1):
-            on_progress(iteration)
+        if on_step is not None:
+            on_step(iteration, values)
         if config.verbose:
             print(f'{stage} {iteration}: ' + ', '.join(f'{k} {v:.5f}' for k, v in values.items()))
         progress.set_postfix({k: f'{v:.4f}' for k, v in values.items()})
@@ -663,10 +662,10 @@ STAGE2_RATES = dict(geometry=0.1, albedo=0.02, rotation=0.002, translation=0.5, 
 REFINE_RATES = dict(expression=0.02, rotation=0.002, translation=0.5)
 
 
-def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_progress=None) -> tuple:
+def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_step=None) -> tuple:
     """Stage 2: identity, expression, statistical albedo, pose and SH light by the photometric
     loss, with landmark and prior terms -> (SceneParameters, history).
-    ``on_progress(params, iteration)`` sees the parameters during the fit (debug images)."""
+    ``on_step(params, iteration, iterations, terms)`` sees the parameters after every step."""
     config = pipeline.config
     params = params.detached()
     if params.sh.abs().sum() == 0:  # straight from stage 1
@@ -697,7 +696,7 @@ def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
 
     bounds = pipeline.model.expression_bounds
     history = adam_loop('stage 2', groups, loss_terms, config.iterStep2, config,
-                        on_progress and (lambda k: on_progress(params, k)),
+                        on_step and (lambda k, terms: on_step(params, k, config.iterStep2, terms)),
                         bounds and (lambda: params.expression.clamp_(*bounds)))
     params = params.detached().to('cpu')
     params.stage = 2
@@ -771,11 +770,11 @@ def stage3_rates_and_weights(config: Config, has_albedo_model: bool) -> tuple:
     return rates, weights
 
 
-def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_progress=None) -> tuple:
+def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_step=None) -> tuple:
     """Stage 3: per-texel diffuse, specular and roughness maps (and the light), starting from the
     statistical albedo, with symmetry, consistency and smoothness regularizers, fitted to the
     pixels that ``targets`` does not leave out (``leave_out_unexplained``); the geometry stays as
-    stage 2 left it -> (SceneParameters, history)."""
+    stage 2 left it -> (SceneParameters, history). ``on_step`` as for ``fit_stage2``."""
     config = pipeline.config
     params, targets = params.detached().to(pipeline.device), targets.to(pipeline.device)
     pixel_weights = [targets.pixel_weights(row) for row in range(params.n_images)]
@@ -803,7 +802,7 @@ def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
         return dict(photo=photo, **regularizers)
 
     history = adam_loop('stage 3', groups, loss_terms, config.iterStep3, config,
-                        on_progress and (lambda k: on_progress(params, k)))
+                        on_step and (lambda k, terms: on_step(params, k, config.iterStep3, terms)))
     params = params.detached().to('cpu')
     with torch.no_grad():
         params.diffuse_map.clamp_(0, 1)

@@ -10,6 +10,7 @@ the results. A checkpoint after each stage lets ``--resume`` continue and ``--re
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -63,9 +64,22 @@ def run(args: argparse.Namespace) -> int:
         return fit()
 
 
-def fit_inputs(args: argparse.Namespace, config: Config, paths: list) -> int:
+class FitObserver:
+    """What a front end (the web app) is shown of a fit as it runs; the command line has none.
+    A method may raise to stop the fit (nothing more of that group is written)."""
+
+    def step(self, stage: int, params: SceneParameters, pipeline: Pipeline, images: list, iteration: int,
+             iterations: int, terms: dict) -> None:
+        """After every step of stages 2 and 3, and once when stage 1 is done (iteration 0 of 1)."""
+
+    def fitted(self, params: SceneParameters, pipeline: Pipeline, images: list) -> None:
+        """After the results of a group of images are written."""
+
+
+def fit_inputs(args: argparse.Namespace, config: Config, paths: list, observer: FitObserver = None) -> int:
     """Fit every photo of ``paths`` (alone, or all with one identity) into the locked output
-    folder, continuing its checkpoints with ``--resume``; -> exit status."""
+    folder, continuing its checkpoints with ``--resume``; ``observer`` sees each fit as it runs;
+    -> exit status."""
     fingerprint = checkpoints.config_fingerprint(config)
     manifest = checkpoints.Manifest.begin(args.output, fingerprint, args.resume)
     model = modelFiles.load_model(config)
@@ -91,7 +105,7 @@ def fit_inputs(args: argparse.Namespace, config: Config, paths: list) -> int:
 
     def fit(images: list, digests: list, shared_identity: bool, checkpoint_key: str) -> None:
         try:
-            fit_group(model, images, config, shared_identity, args.output, checkpoint_key, args.resume)
+            fit_group(model, images, config, shared_identity, args.output, checkpoint_key, args.resume, observer)
         except (fitting.FitError, results.WriteError, checkpoints.CheckpointError) as error:
             return fail([image.path for image in images], str(error))
         except OSError as error:
@@ -235,10 +249,10 @@ def write_overlay(path: str, clip: video.Clip, tracks: list, model: MorphableMod
 
 
 def fit_group(model: MorphableModel, images: list[FitImage], config: Config, shared_identity: bool,
-              output: str, checkpoint_key: str, resume: bool) -> tuple:
+              output: str, checkpoint_key: str, resume: bool, observer: FitObserver = None) -> tuple:
     """Every stage on ``images`` (one image, or all of them with a shared identity) from
     wherever its checkpoints stand, a checkpoint after each stage, then the results -> (the
-    fitted parameters, the pipeline that made them)."""
+    fitted parameters, the pipeline that made them); ``observer`` sees it happen."""
     targets = fitting.Targets.of(model, images)
     pipeline = Pipeline(model, config, targets.sizes)
     params = checkpoints.load_checkpoint(output, checkpoint_key, last_stage(config), model, len(images),
@@ -248,18 +262,22 @@ def fit_group(model: MorphableModel, images: list[FitImage], config: Config, sha
     else:
         params, _ = fitting.fit_landmarks(model, targets, config, shared_identity)
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)
+        if observer is not None:
+            observer.step(1, params, pipeline, images, 0, 1, {})
     if params.stage < 2 and config.iterStep2 > 0:
         params, targets = fitting.start_stage2(pipeline, params, targets)
-        params, _ = fitting.fit_stage2(pipeline, params, targets, debug_writer(output, pipeline, images, 2))
+        params, _ = fitting.fit_stage2(pipeline, params, targets, step_watchers(output, pipeline, images, 2, observer))
         # and what the fitted face cannot explain, out of stage 3 and of the photo map too
         targets = fitting.leave_out_unexplained(pipeline, params, targets)
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)
     elif params.stage >= 2:  # resumed after stage 2: the same for its face
         targets = fitting.leave_out_unexplained(pipeline, params, targets)
     if params.stage < 3 and config.iterStep3 > 0:
-        params, _ = fitting.fit_stage3(pipeline, params, targets, debug_writer(output, pipeline, images, 3))
+        params, _ = fitting.fit_stage3(pipeline, params, targets, step_watchers(output, pipeline, images, 3, observer))
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)
     write_results(output, pipeline, params, images, targets)
+    if observer is not None:
+        observer.fitted(params, pipeline, images)
     return params, pipeline
 
 
@@ -351,12 +369,31 @@ def bake_photo_map(pipeline: Pipeline, params: SceneParameters, row: int, image:
     return textures.bake_photo(photo, photo_scale, photo_offset, view, pipeline.export_mask, fallback)[0]
 
 
-def debug_writer(output: str, pipeline: Pipeline, images: list[FitImage], stage: int):
-    """With debugFrequency, a function (params, iteration) that writes photo | render over the
-    photo | render of every image to ``debug/stage{k}_image{i}_{iteration}.png`` (16 spp); else None."""
-    if not pipeline.config.debugFrequency:
+def step_watchers(output: str, pipeline: Pipeline, images: list[FitImage], stage: int, observer: FitObserver):
+    """What runs after each step of ``stage`` (``on_step`` of ``fitting.fit_stage2``/``3``): the
+    debug images (``debug_writer``) and the ``observer``; None if neither."""
+    watchers = [watcher for watcher in (debug_writer(output, pipeline, images, stage),
+                                        observer and functools.partial(observer.step, stage, pipeline=pipeline,
+                                                                       images=images)) if watcher is not None]
+    if not watchers:
         return None
-    def write(params: SceneParameters, iteration: int) -> None:
+
+    def watch(params: SceneParameters, iteration: int, iterations: int, terms: dict) -> None:
+        for watcher in watchers:
+            watcher(params=params, iteration=iteration, iterations=iterations, terms=terms)
+    return watch
+
+
+def debug_writer(output: str, pipeline: Pipeline, images: list[FitImage], stage: int):
+    """With debugFrequency, a function (params, iteration, iterations, terms) that writes, every
+    debugFrequency steps and after the last, photo | render over the photo | render of every
+    image to ``debug/stage{k}_image{i}_{iteration}.png`` (16 spp); else None."""
+    frequency = pipeline.config.debugFrequency
+    if not frequency:
+        return None
+    def write(params: SceneParameters, iteration: int, iterations: int, terms: dict) -> None:
+        if iteration % frequency and iteration != iterations - 1:
+            return
         with torch.no_grad():
             vertices = pipeline.vertices(params)
             for row, image in enumerate(images):
