@@ -40,8 +40,27 @@ from pipeline import Pipeline, SceneParameters, project, rotation_matrix, to_cam
 
 # --------------------------------------------------------------------------- the command
 
-def run(args: argparse.Namespace) -> int:
-    """The whole command; -> exit status (0 only if every image was fitted)."""
+class FitObserver:
+    """What a front end (the web app) is shown of a fit as it runs; the command line has none.
+    A method may raise to stop the fit (nothing more of that group is written)."""
+
+    def step(self, stage: int, params: SceneParameters, pipeline: Pipeline, images: list, iteration: int,
+             iterations: int, terms: dict) -> None:
+        """After every step of stages 2 and 3, and once when stage 1 is done (iteration 0 of 1)."""
+
+    def fitted(self, params: SceneParameters, pipeline: Pipeline, images: list) -> None:
+        """After the results of a group of images are written."""
+
+
+# What stops a run with its message (exit status 2): bad input, config, model files, outputs.
+RUN_ERRORS = (checkpoints.RunError, checkpoints.CheckpointError, photos.InputError, config_module.ConfigError,
+              results.WriteError, fitting.FitError, morphableModel.ModelFileError, landmarks_module.LandmarkError,
+              renderer.RendererError)
+
+
+def run(args: argparse.Namespace, observer: FitObserver = None) -> int:
+    """The whole command; ``observer`` sees the fits of photos as they run; -> exit status (0
+    only if every image was fitted)."""
     config = load_run_config(args)
     torch.manual_seed(config.seed)
     if args.replay:
@@ -58,22 +77,10 @@ def run(args: argparse.Namespace) -> int:
         paths, skipped = photos.list_inputs(args.input)
         for path, reason in skipped:
             print(f'note: skipping {path}: {reason}')
-        fit = lambda: fit_inputs(args, config, paths)
+        fit = lambda: fit_inputs(args, config, paths, observer)
     with checkpoints.locked(args.output):
         checkpoints.prepare_output(args.output, args.overwrite, args.resume)
         return fit()
-
-
-class FitObserver:
-    """What a front end (the web app) is shown of a fit as it runs; the command line has none.
-    A method may raise to stop the fit (nothing more of that group is written)."""
-
-    def step(self, stage: int, params: SceneParameters, pipeline: Pipeline, images: list, iteration: int,
-             iterations: int, terms: dict) -> None:
-        """After every step of stages 2 and 3, and once when stage 1 is done (iteration 0 of 1)."""
-
-    def fitted(self, params: SceneParameters, pipeline: Pipeline, images: list) -> None:
-        """After the results of a group of images are written."""
 
 
 def fit_inputs(args: argparse.Namespace, config: Config, paths: list, observer: FitObserver = None) -> int:
@@ -502,9 +509,7 @@ def main(argv: list = None) -> int:
     args = parse_arguments(argv)
     try:
         return run(args)
-    except (checkpoints.RunError, checkpoints.CheckpointError, photos.InputError, config_module.ConfigError,
-            results.WriteError, fitting.FitError,
-            morphableModel.ModelFileError, landmarks_module.LandmarkError, renderer.RendererError) as error:
+    except RUN_ERRORS as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

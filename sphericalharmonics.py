@@ -88,3 +88,9 @@ def constant_light(bands: int, radiance) -> torch.Tensor:
     sh = torch.zeros(bands ** 2, 3)
     sh[0] = torch.as_tensor(radiance, dtype=torch.float32) * math.sqrt(4 * math.pi)
     return sh
+
+
+def turned_about_vertical(envmap: torch.Tensor, degrees: float) -> torch.Tensor:
+    """A lat-long map [rows, 2·rows, 3] with its light turned about the vertical axis by
+    ``degrees`` (to the nearest column: its columns are the azimuth about that axis)."""
+    return torch.roll(envmap, round(degrees / 360 * envmap.shape[1]), dims=1)

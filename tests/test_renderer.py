@@ -154,3 +154,13 @@ def test_missing_llvm_says_how_to_fix_it(monkeypatch):
     monkeypatch.setattr(renderer, '_find_libllvm', lambda: '')
     with pytest.raises(renderer.RendererError, match=r'LLVM >= 17: run ./setup.sh'):
         renderer.mitsuba('cpu')
+
+
+def test_light_turned_about_the_vertical_axis():
+    directions = sphericalharmonics.envmap_directions(16)  # camera frame: x right, y down, z forward
+    lobe = lambda axis: torch.clamp(directions @ torch.tensor(axis), min=0)[..., None].expand(16, 32, 3)
+    from_the_right = lobe([1.0, 0.0, 0.0])
+    turned = sphericalharmonics.turned_about_vertical
+    assert torch.allclose(turned(from_the_right, 180), lobe([-1.0, 0.0, 0.0]), atol=1e-5)
+    assert torch.allclose(turned(from_the_right, 90), lobe([0.0, 0.0, -1.0]), atol=1e-5)  # to the camera's side
+    assert torch.equal(turned(from_the_right, 360), from_the_right)
