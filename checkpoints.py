@@ -1,7 +1,12 @@
 """The state of a run in its output folder: one writer at a time (a lock file), which results
-belong to which photo (the manifest ``checkpoints/run.json``), the checkpoints after each stage
+belong to which photo (the manifest ``checkpoints/run.json``), what became of every photo (the
+report ``manifest.json``: status, error, seconds, where it ran), the checkpoints after each stage
 (named by the photos' content, not their position), and what ``--resume`` and ``--overwrite``
 may reuse or replace.
+
+A shard of a batch (``--shard K/N``, a Slurm array task) writes into the same folder as the
+others with a lock, manifest and report of its own (``part`` '.shard-K-of-N'); the reports are
+merged into ``manifest.json`` afterwards (``merge_reports``).
 """
 import contextlib
 import datetime
@@ -24,6 +29,13 @@ from pipeline import SceneParameters, fitted_texture_resolution
 LOCK_FILE = '.faceRecon.lock'
 CHECKPOINT_FOLDER = 'checkpoints'
 MANIFEST_FILE = os.path.join(CHECKPOINT_FOLDER, 'run.json')
+REPORT_FILE = 'manifest.json'
+
+
+def part_file(name: str, part: str) -> str:
+    """The file ``name`` of a part of a run: 'manifest.json' -> 'manifest.shard-2-of-8.json'."""
+    stem, extension = os.path.splitext(name)
+    return stem + part + extension
 TEMPORARY_PREFIX = '.tmp-'  # utils.atomic_path's temporary files
 # Config keys that a checkpoint depends on: with another value it cannot be continued.
 CHECKPOINT_CONFIG_KEYS = ('model', 'trimPca', 'bands', 'maxResolution')
@@ -49,14 +61,15 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def acquire_lock(output: str) -> str:
-    """Make ``output`` and take its lock, or raise RunError naming the run that holds it. A lock
-    left by a process of this machine that no longer runs is stale: it is taken over, and said."""
+def acquire_lock(output: str, part: str = '') -> str:
+    """Make ``output`` and take its lock (a shard's: ``part``), or raise RunError naming the run
+    that holds it. A lock left by a process of this machine that no longer runs is stale: it is
+    taken over, and said."""
     try:
         os.makedirs(output, exist_ok=True)
     except OSError as error:
         raise RunError(f"cannot write to output folder '{output}' ({error.strerror}): choose another --output") from None
-    path = os.path.join(output, LOCK_FILE)
+    path = os.path.join(output, LOCK_FILE + part)
     record = dict(pid=os.getpid(), host=socket.gethostname(), started=datetime.datetime.now().isoformat(timespec='seconds'),
                   command=' '.join(sys.argv))
     for _ in range(2):
@@ -89,9 +102,9 @@ def _read_lock(path: str) -> dict:
 
 
 @contextlib.contextmanager
-def locked(output: str):
-    """Hold ``output``'s lock for the block."""
-    path = acquire_lock(output)
+def locked(output: str, part: str = ''):
+    """Hold ``output``'s lock (a shard's: ``part``) for the block."""
+    path = acquire_lock(output, part)
     try:
         yield
     finally:
@@ -101,10 +114,12 @@ def locked(output: str):
 
 # ---------------------------------------------------------------------------- the folder
 
-def holds_results(output: str) -> bool:
+def holds_results(output: str, part: str = '') -> bool:
     """Whether ``output`` holds any file but the lock, temporary files of killed writes and a
     manifest that names no photo yet: a run that failed before fitting leaves nothing that
-    blocks the next."""
+    blocks the next. For a shard (``part``): whether it wrote results there itself."""
+    if part:
+        return os.path.isfile(os.path.join(output, part_file(REPORT_FILE, part))) or not _names_no_photo(output, part)
     for folder, _, files in os.walk(output):
         for name in files:
             path = os.path.join(folder, name)
@@ -116,18 +131,22 @@ def holds_results(output: str) -> bool:
     return False
 
 
-def _names_no_photo(output: str) -> bool:
+def _names_no_photo(output: str, part: str = '') -> bool:
     try:
-        return not Manifest.load(output).images
+        return not Manifest.load(output, part).images
     except RunError:
         return False  # a damaged manifest counts as results
 
 
-def prepare_output(output: str, overwrite: bool, resume: bool) -> None:
+def prepare_output(output: str, overwrite: bool, resume: bool, part: str = '') -> None:
     """With the lock held: refuse earlier results unless told what to do with them; with
     ``--overwrite`` move them aside (nothing is lost, and it is said) so that the folder holds
-    this run's results only; remove the temporary files of killed writes."""
-    if holds_results(output) and not (overwrite or resume):
+    this run's results only; remove the temporary files of killed writes. A shard (``part``)
+    looks at its own results only, and cannot overwrite: the folder is the other shards' too."""
+    if part and overwrite:
+        raise RunError('--overwrite with --shard: the folder holds the other shards\' results too; start a sharded '
+                       'run in a fresh --output, or continue it with --resume')
+    if holds_results(output, part) and not (overwrite or resume):
         raise RunError(f"output folder '{output}' already holds results: pass --overwrite to replace them, "
                        f"--resume to continue that run, or choose another --output")
     if overwrite and holds_results(output):
@@ -203,34 +222,44 @@ def config_fingerprint(config: Config) -> dict:
 
 class Manifest:
     """``checkpoints/run.json``: the config the checkpoints were made with, and for every output
-    index the photo (path, content digest) and the checkpoint its results were written from."""
+    index the photo (path, content digest) and the checkpoint its results were written from;
+    with the report ``manifest.json`` of every photo tried (``report``: index -> path, status
+    'fitted' or 'failed', error, seconds, where it ran). A shard's (``part``) are its own."""
 
-    def __init__(self, output: str, config: dict, images: dict):
-        self.output, self.config, self.images = output, config, images
+    def __init__(self, output: str, config: dict, images: dict, part: str = '', report: dict = None):
+        self.output, self.config, self.images, self.part = output, config, images, part
+        self.report = report if report is not None else {}
 
     @property
     def path(self) -> str:
-        return os.path.join(self.output, MANIFEST_FILE)
+        return os.path.join(self.output, part_file(MANIFEST_FILE, self.part))
+
+    @property
+    def report_path(self) -> str:
+        return os.path.join(self.output, part_file(REPORT_FILE, self.part))
 
     @staticmethod
-    def load(output: str) -> 'Manifest':
+    def load(output: str, part: str = '') -> 'Manifest':
         """The manifest of ``output``: an empty one where there is none; RunError where it is damaged."""
-        path = os.path.join(output, MANIFEST_FILE)
-        if not os.path.isfile(path):
-            return Manifest(output, {}, {})
+        manifest = Manifest(output, {}, {}, part)
         try:
-            with open(path, encoding='utf-8') as file:
-                record = json.load(file)
-            return Manifest(output, dict(record['config']), {int(k): dict(v) for k, v in record['images'].items()})
+            if os.path.isfile(manifest.path):
+                with open(manifest.path, encoding='utf-8') as file:
+                    record = json.load(file)
+                manifest.config = dict(record['config'])
+                manifest.images = {int(k): dict(v) for k, v in record['images'].items()}
+            if os.path.isfile(manifest.report_path):
+                manifest.report = {entry['index']: entry for entry in read_report(manifest.report_path)['images']}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise RunError(f"'{path}' is damaged ({error}): which checkpoint belongs to which photo is unknown; "
-                           f"start again with --overwrite") from None
+            raise RunError(f"'{manifest.path}' is damaged ({error}): which checkpoint belongs to which photo is "
+                           f"unknown; start again with --overwrite") from None
+        return manifest
 
     @staticmethod
-    def begin(output: str, fingerprint: dict, resume: bool) -> 'Manifest':
+    def begin(output: str, fingerprint: dict, resume: bool, part: str = '') -> 'Manifest':
         """The manifest of a run: the earlier run's if it continues (``resume``: its config must
         be the same), else a new one; saved with the run's config before any checkpoint is."""
-        manifest = Manifest.load(output) if resume else Manifest(output, {}, {})
+        manifest = Manifest.load(output, part) if resume else Manifest(output, {}, {}, part)
         manifest.check_config(fingerprint)
         manifest.save(fingerprint)
         return manifest
@@ -244,8 +273,16 @@ class Manifest:
             raise RunError(f"--resume: the checkpoints in '{self.output}' were made with another config ({said}): "
                            f"resume with the config they were made with, or start again with --overwrite")
 
-    def record(self, index: int, path: str, digest: str, key: str) -> None:
+    def record(self, index: int, path: str, digest: str, key: str, seconds: float = 0.0, where: str = '') -> None:
+        """The results at ``index`` were written from checkpoint ``key`` of the photo at ``path``."""
         self.images[index] = dict(path=os.path.abspath(path), digest=digest, checkpoint=key)
+        self.report[index] = dict(index=index, path=os.path.abspath(path), status='fitted', error=None,
+                                  seconds=round(seconds, 2), where=where or this_process())
+
+    def record_failure(self, index: int, path: str, error: str, seconds: float = 0.0, where: str = '') -> None:
+        """The photo at ``path`` (output index ``index``) could not be fitted, for ``error``."""
+        self.report[index] = dict(index=index, path=os.path.abspath(path), status='failed', error=error,
+                                  seconds=round(seconds, 2), where=where or this_process())
 
     def written_from(self, index: int, digest: str, key: str) -> bool:
         """Whether the results at ``index`` were written from this photo's checkpoint ``key``."""
@@ -256,6 +293,50 @@ class Manifest:
         self.config = config
         utils.write_text(self.path, json.dumps(dict(config=config, images={str(k): v for k, v in
                                                                            sorted(self.images.items())}), indent=1))
+        if self.report:
+            write_report(self.report_path, list(self.report.values()))
+
+
+def this_process() -> str:
+    """Where a photo is fitted when it is fitted here: host and process."""
+    return f'{socket.gethostname()} pid {os.getpid()}'
+
+
+def write_report(path: str, entries: list) -> None:
+    """``manifest.json``: every photo tried (sorted by output index) and the counts by status."""
+    entries = sorted(entries, key=lambda entry: entry['index'])
+    counts = {status: sum(entry['status'] == status for entry in entries) for status in ('fitted', 'failed')}
+    utils.write_text(path, json.dumps(dict(**counts, images=entries), indent=1))
+
+
+def read_report(path: str) -> dict:
+    with open(path, encoding='utf-8') as file:
+        return json.load(file)
+
+
+def merge_reports(output: str) -> tuple:
+    """The shards' reports in ``output`` (``manifest.shard-K-of-N.json``) merged into
+    ``manifest.json`` -> (its entries, the shards without a report: K of N). RunError where
+    there are none, or shards of different counts."""
+    found = {}
+    for name in os.listdir(output) if os.path.isdir(output) else []:
+        stem = name[len('manifest.shard-'):-len('.json')] if name.startswith('manifest.shard-') and name.endswith('.json') else ''
+        shard, _, count = stem.partition('-of-')
+        if shard.isdigit() and count.isdigit():
+            found[int(shard), int(count)] = os.path.join(output, name)
+    counts = {count for _, count in found}
+    if not found or len(counts) > 1:
+        raise RunError(f"'{output}' holds {'no shard reports (manifest.shard-K-of-N.json)' if not found else 'reports of shards of different counts ' + str(sorted(counts))}: "
+                       f"give the --output of a sharded run")
+    count = counts.pop()
+    entries = {}
+    for path in found.values():
+        try:
+            entries.update({entry['index']: entry for entry in read_report(path)['images']})
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RunError(f"'{path}' is damaged ({error}): run that shard again with --resume") from None
+    write_report(os.path.join(output, REPORT_FILE), list(entries.values()))
+    return sorted(entries.values(), key=lambda entry: entry['index']), [k for k in range(count) if (k, count) not in found]
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -66,7 +67,10 @@ def run(args: argparse.Namespace, observer: FitObserver = None) -> int:
     if args.replay:
         with checkpoints.locked(args.output):
             return replay(args.output, config)
+    if args.merge_manifests:
+        return merge_shard_reports(args.output)
     checkpoints.refuse_results_as_inputs(args.input, args.output)
+    part = shard_part(args)
     if args.video or video.is_video(args.input):
         if config.model == 'flame':  # the clip's head.glb animates blendshapes; FLAME's jaw is a joint
             raise config_module.ConfigError("clips are tracked with the blendshape models (model = 'ict' or "
@@ -77,26 +81,67 @@ def run(args: argparse.Namespace, observer: FitObserver = None) -> int:
         paths, skipped = photos.list_inputs(args.input)
         for path, reason in skipped:
             print(f'note: skipping {path}: {reason}')
-        fit = lambda: fit_inputs(args, config, paths, observer)
-    with checkpoints.locked(args.output):
-        checkpoints.prepare_output(args.output, args.overwrite, args.resume)
+        indexed = list(enumerate(paths))
+        if part:
+            indexed = shard_of(indexed, *args.shard)
+            print(f'shard {args.shard[0]} of {args.shard[1]}: {len(indexed)} of the {len(paths)} photos')
+        fit = lambda: fit_inputs(args, config, indexed, observer, part)
+    with checkpoints.locked(args.output, part):
+        checkpoints.prepare_output(args.output, args.overwrite, args.resume, part)
         return fit()
 
 
-def fit_inputs(args: argparse.Namespace, config: Config, paths: list, observer: FitObserver = None) -> int:
-    """Fit every photo of ``paths`` (alone, or all with one identity) into the locked output
-    folder, continuing its checkpoints with ``--resume``; ``observer`` sees each fit as it runs;
-    -> exit status."""
+def shard_part(args: argparse.Namespace) -> str:
+    """The name part of a shard's own files ('.shard-K-of-N'), '' without --shard; refuses
+    what cannot be sharded."""
+    if not args.shard:
+        return ''
+    if args.sharedIdentity or args.video or video.is_video(args.input or ''):
+        raise config_module.ConfigError('--shard splits a batch of photos fitted one by one: a shared identity '
+                                        'or a clip is one fit')
+    return f'.shard-{args.shard[0]}-of-{args.shard[1]}'
+
+
+def shard_of(indexed: list, shard: int, count: int) -> list:
+    """The ``shard``-th of ``count`` slices of the photos [(output index, path)] (sorted by path,
+    as ``photos.list_inputs`` gives them): every count-th from the shard-th, so that slices are
+    as even as the photos are alike and every photo keeps the output index of the whole batch."""
+    return indexed[shard::count]
+
+
+def merge_shard_reports(output: str) -> int:
+    """``--merge-manifests``: the shards' reports into ``manifest.json``; -> exit status (1 if a
+    photo failed or a shard has no report yet)."""
+    entries, missing = checkpoints.merge_reports(output)
+    failed = [entry for entry in entries if entry['status'] != 'fitted']
+    print(f"{len(entries) - len(failed)} photos fitted, {len(failed)} failed; merged into "
+          f"{os.path.join(output, checkpoints.REPORT_FILE)}")
+    for entry in failed:
+        print(f"  failed: {entry['path']}: {entry['error']}")
+    if missing:
+        print(f"  no report yet from shard(s) {', '.join(map(str, missing))}: run them (or --resume them), then merge again")
+    return 1 if failed or missing else 0
+
+
+def fit_inputs(args: argparse.Namespace, config: Config, indexed: list, observer: FitObserver = None,
+               part: str = '') -> int:
+    """Fit every photo of ``indexed`` [(output index, path)] (alone, or all with one identity)
+    into the locked output folder, continuing its checkpoints with ``--resume``; ``observer``
+    sees each fit as it runs; ``part``: a shard's manifest; -> exit status."""
     fingerprint = checkpoints.config_fingerprint(config)
-    manifest = checkpoints.Manifest.begin(args.output, fingerprint, args.resume)
+    manifest = checkpoints.Manifest.begin(args.output, fingerprint, args.resume, part)
     model = modelFiles.load_model(config)
     detector = None if args.landmarks else landmarks_module.make_detector(config.lamdmarksDetectorType, config.device)
     failures = {}
 
-    def fail(paths: list, reason: str) -> None:
+    def fail(which: list, reason: str, seconds: float = 0.0) -> None:
+        """The photos [(output index, path)] could not be fitted: said, and in the report."""
+        paths = [path for _, path in which]
         message = f"{', '.join(paths)}: {reason}" if not reason.startswith(paths[0]) else reason
-        for path in paths:
+        for index, path in which:
             failures[path] = message
+            manifest.record_failure(index, path, message, seconds)
+        manifest.save(fingerprint)
         print(f'error: {message}')
 
     def prepare(index: int, path: str) -> tuple:
@@ -105,26 +150,29 @@ def fit_inputs(args: argparse.Namespace, config: Config, paths: list, observer: 
             digest = checkpoints.file_digest(path)
             return photos.prepare_image(index, path, config, detector, args.landmarks), digest
         except photos.InputError as error:
-            fail([path], str(error))
+            fail([(index, path)], str(error))
         except OSError as error:
-            fail([path], f'cannot be read ({error.strerror})')
+            fail([(index, path)], f'cannot be read ({error.strerror})')
         return None
 
     def fit(images: list, digests: list, shared_identity: bool, checkpoint_key: str) -> None:
+        start = time.perf_counter()
         try:
             fit_group(model, images, config, shared_identity, args.output, checkpoint_key, args.resume, observer)
         except (fitting.FitError, results.WriteError, checkpoints.CheckpointError) as error:
-            return fail([image.path for image in images], str(error))
+            return fail([(image.index, image.path) for image in images], str(error), time.perf_counter() - start)
         except OSError as error:
-            return fail([image.path for image in images],
+            return fail([(image.index, image.path) for image in images],
                         f'writing the results failed ({error.strerror}: {error.filename}); free some space '
-                        f'or choose another --output, then continue with --resume')
+                        f'or choose another --output, then continue with --resume', time.perf_counter() - start)
+        seconds = (time.perf_counter() - start) / len(images)
         for image, digest in zip(images, digests):
-            manifest.record(image.index, image.path, digest, checkpoint_key)
+            manifest.record(image.index, image.path, digest, checkpoint_key, seconds)
         manifest.save(fingerprint)
 
+    paths = [path for _, path in indexed]
     if args.sharedIdentity:
-        prepared = [found for found in (prepare(i, p) for i, p in enumerate(paths)) if found is not None]
+        prepared = [found for found in (prepare(i, p) for i, p in indexed) if found is not None]
         if prepared:
             images, digests = map(list, zip(*prepared))
             key = checkpoints.batch_key(digests)
@@ -135,7 +183,7 @@ def fit_inputs(args: argparse.Namespace, config: Config, paths: list, observer: 
             fit(images, digests, True, key)
     else:
         final = last_stage(config)
-        for index, path in enumerate(tqdm(paths, desc='images', unit='image', disable=len(paths) == 1)):
+        for index, path in tqdm(indexed, desc='images', unit='image', disable=len(indexed) == 1):
             prepared = prepare(index, path)
             if prepared is None:
                 continue
@@ -481,10 +529,27 @@ def parse_arguments(argv: list = None) -> argparse.Namespace:
                         help='frames per second of a folder of frames (--video)')
     parser.add_argument('--replay', action='store_true',
                         help='render a turntable (turntable_{i}.gif) of each face fitted in --output, from its checkpoints')
+    parser.add_argument('--shard', type=shard_spec, metavar='K/N',
+                        help='fit only the K-th (from 0) of N slices of the sorted photos, into --output beside the '
+                             'other shards (a Slurm array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)')
+    parser.add_argument('--merge-manifests', action='store_true',
+                        help="merge the shards' reports in --output into manifest.json")
     args = parser.parse_args(argv)
-    if not args.input and not args.replay:
-        parser.error('--input is required (except with --replay)')
+    if not args.input and not (args.replay or args.merge_manifests):
+        parser.error('--input is required (except with --replay or --merge-manifests)')
     return args
+
+
+def shard_spec(text: str) -> tuple:
+    """'K/N' -> (K, N) with 0 <= K < N."""
+    try:
+        shard, count = (int(part) for part in text.split('/'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not K/N (two whole numbers)") from None
+    if not 0 <= shard < count:
+        raise argparse.ArgumentTypeError(f"shard {shard} of {count}: K counts from 0 to N-1 (a Slurm array "
+                                         f"--array=0-{count - 1})")
+    return shard, count
 
 
 def load_run_config(args: argparse.Namespace) -> Config:
