@@ -16,7 +16,8 @@ accuracy; ``--cli`` times the whole command line (model loading, the
 three stages, all outputs) on the synthetic photo instead; ``--textures`` prints the time of
 stages 2 and 3 and of writing the outputs, and the peak memory, at 512, 1024 and 2048 texels;
 ``--video N ...`` the speed of finding and tracking the face in 640x360 clips of N frames, and
-the peak memory of each.
+the peak memory of each; ``--cluster N`` the images per hour of a batch of N photos fitted here
+one by one and on a local Ray cluster with 1 and 2 workers, and the overhead per image.
 """
 import argparse
 import cProfile
@@ -194,6 +195,44 @@ def compare_clip_lengths(folder: str, model_path: str, lengths: tuple) -> None:
               f'{1 / per_frame:>9.1f} {1 / (per_frame + row["refine"]):>27.1f} {row["peak"]:>8.0f}', flush=True)
 
 
+def cluster_photos(folder: str, count: int) -> str:
+    """``count`` different photos of a face (the astronaut, shifted and mirrored) -> their folder."""
+    import skimage.data
+    from PIL import Image
+    photos_folder = os.path.join(folder, 'cluster-photos')
+    os.makedirs(photos_folder)
+    astronaut = skimage.data.astronaut()
+    for k in range(count):
+        shifted = np.roll(astronaut, 4 * k, axis=1)
+        Image.fromarray(shifted[:, ::-1] if k % 2 else shifted).save(os.path.join(photos_folder, f'face{k:03d}.png'))
+    return photos_folder
+
+
+def compare_cluster_workers(folder: str, count: int, model_path: str, iterations: list) -> None:
+    """Images per hour of a batch of ``count`` photos fitted one by one here, and on a local Ray
+    cluster of this machine with 1 and 2 workers (ICT-FaceKit), and each way's overhead per image:
+    wall time · workers / photos, less the fit's own seconds (from manifest.json)."""
+    import json
+    import optimizer
+    photos_folder = cluster_photos(folder, count)
+    common = ['--input', photos_folder, '--set', 'model=ict', '--set', f'path={model_path}',
+              '--iterations', *map(str, iterations)]
+    cores = os.cpu_count()
+    runs = [('here, one by one', 1, []), ('Ray, 1 worker', 1, ['--ray', 'local', '--set', f'clusterCpus={cores}']),
+            ('Ray, 2 workers', 2, ['--ray', 'local', '--set', f'clusterCpus={max(1, cores // 2)}'])]
+    print(f'{count} photos, ICT-FaceKit, iterations {" ".join(map(str, iterations))}, {cores} cores')
+    print(f'{"run":<18} {"wall s":>8} {"images/hour":>12} {"fit s/image":>12} {"overhead s/image":>17}')
+    for name, workers, extra in runs:
+        output = os.path.join(folder, f'cluster-{workers}-{len(extra)}')
+        status, seconds = timed(lambda: optimizer.main(common + ['--output', output] + extra))
+        with open(os.path.join(output, 'manifest.json'), encoding='utf-8') as file:
+            entries = json.load(file)['images']
+        fit = float(np.mean([entry['seconds'] for entry in entries]))
+        print(f'{name:<18} {seconds:>8.1f} {3600 * count / seconds:>12.0f} {fit:>12.1f} '
+              f'{seconds * workers / count - fit:>17.1f}' + ('' if status == 0 else f'  (exit status {status})'),
+              flush=True)
+
+
 def print_profile(profile: cProfile.Profile, stages_seconds: float) -> None:
     """The functions that take the time of stages 2 and 3, by their own time."""
     stats = pstats.Stats(profile)
@@ -222,13 +261,20 @@ def main() -> None:
     parser.add_argument('--video', type=int, nargs='+', metavar='FRAMES',
                         help='instead: tracking speed and peak memory on 640x360 clips of these lengths '
                              '(ICT-FaceKit from --ict)')
+    parser.add_argument('--cluster', type=int, metavar='PHOTOS',
+                        help='instead: images per hour of a batch of this many photos here and on a local Ray cluster '
+                             'with 1 and 2 workers, and the overhead per image (ICT-FaceKit from --ict; --iterations '
+                             'default 100 60 20)')
     parser.add_argument('--ict', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'ICT-FaceKit'),
-                        help='the ICT-FaceKit folder for --video')
+                        help='the ICT-FaceKit folder for --video and --cluster')
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix='benchmark-')
     os.environ.setdefault('FACE_MODEL_CACHE', os.path.join(folder, 'cache'))
     if args.video:
         compare_clip_lengths(folder, args.ict, tuple(args.video))
+        return
+    if args.cluster:
+        compare_cluster_workers(folder, args.cluster, args.ict, args.iterations or [100, 60, 20])
         return
     with multiprocessing.get_context('spawn').Pool(1) as pool:
         association = pool.apply(write_model, (folder,))

@@ -89,6 +89,8 @@ class Config:
     # video: photometric steps per frame after the landmark fit, on a square of the face this many px
     videoPhotometricSteps: int = field(default=2, metadata=_between(0, 1000))
     videoResolution: int = field(default=128, metadata=_between(32, 1024))
+    # a Ray cluster's worker (--ray) takes this many CPUs (with device = 'cuda': one GPU instead)
+    clusterCpus: int = field(default=2, metadata=_between(1, 256))
 
     def replace(self, **overrides) -> 'Config':
         """A copy with ``overrides`` applied and validated."""

@@ -85,7 +85,11 @@ def run(args: argparse.Namespace, observer: FitObserver = None) -> int:
         if part:
             indexed = shard_of(indexed, *args.shard)
             print(f'shard {args.shard[0]} of {args.shard[1]}: {len(indexed)} of the {len(paths)} photos')
-        fit = lambda: fit_inputs(args, config, indexed, observer, part)
+        if args.ray:
+            import cluster  # ray is imported only by the runs that use it
+            fit = lambda: cluster.fit_on_ray(args, config, indexed, part)
+        else:
+            fit = lambda: fit_inputs(args, config, indexed, observer, part)
     with checkpoints.locked(args.output, part):
         checkpoints.prepare_output(args.output, args.overwrite, args.resume, part)
         return fit()
@@ -532,6 +536,9 @@ def parse_arguments(argv: list = None) -> argparse.Namespace:
     parser.add_argument('--shard', type=shard_spec, metavar='K/N',
                         help='fit only the K-th (from 0) of N slices of the sorted photos, into --output beside the '
                              'other shards (a Slurm array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)')
+    parser.add_argument('--ray', metavar='ADDRESS',
+                        help="fit the photos on a Ray cluster: 'auto' joins the running one, 'local' starts one here, "
+                             "or the address of its head; the results come back to this process")
     parser.add_argument('--merge-manifests', action='store_true',
                         help="merge the shards' reports in --output into manifest.json")
     args = parser.parse_args(argv)

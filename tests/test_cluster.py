@@ -91,3 +91,52 @@ def test_merging_names_the_shards_without_a_report(batch, ict_folder, tmp_path, 
     assert status == 1 and 'no report yet from shard(s) 0, 2' in out
     status, out = run(['--output', tmp_path / 'nothing', '--merge-manifests'], capsys)
     assert status == 2 and 'no shard reports' in out
+
+
+def ray_workers_fitting() -> list:
+    """The PIDs of this machine's processes that run a FitWorker's fit (Ray names them so)."""
+    pids = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/cmdline', 'rb') as file:
+                    if file.read().startswith(b'ray::FitWorker.fit'):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_local_ray_cluster_gives_the_plain_run_and_retries_a_killed_worker(batch, ict_folder, tmp_path, capsys):
+    import signal
+    import threading
+    pytest.importorskip('ray')
+    plain, on_ray = tmp_path / 'plain', tmp_path / 'ray'
+    run(['--input', batch, '--output', plain] + STAGE1 + ict(ict_folder), capsys)
+    outcome = {}
+    driver = threading.Thread(target=lambda: outcome.update(status=optimizer.main(
+        [str(a) for a in ['--input', batch, '--output', on_ray, '--ray', 'local', '--set', 'clusterCpus=1']
+         + STAGE1 + ict(ict_folder)])))
+    driver.start()
+    killed = None
+    while driver.is_alive() and killed is None:  # kill the first worker seen fitting a photo
+        fitting = ray_workers_fitting()
+        if fitting:
+            killed = fitting[0]
+            os.kill(killed, signal.SIGKILL)
+        driver.join(0.02)
+    driver.join(600)
+    out = capsys.readouterr().out
+    assert killed is not None, 'no worker was seen fitting'
+    assert outcome['status'] == 1, out  # the grey picture has no face: reported, not retried
+    entries = report(on_ray)['images']
+    assert [(e['index'], e['status']) for e in entries] == [(0, 'fitted'), (1, 'fitted'), (2, 'failed')]
+    assert 'no face found' in entries[2]['error'] and f'pid {killed}' not in entries[0]['where'] + entries[1]['where']
+    # what came back to the driver is what the plain run wrote, under the same names
+    for name in ('mesh0.obj', 'mesh1.obj', 'params0.json', 'params1.json'):
+        assert (on_ray / name).read_text() == (plain / name).read_text(), name
+    assert sorted(os.listdir(on_ray / 'checkpoints')) == sorted(os.listdir(plain / 'checkpoints'))
+    # --resume on the cluster fits nothing again
+    status, out = run(['--input', batch, '--output', on_ray, '--ray', 'local', '--resume', '--set', 'clusterCpus=1']
+                      + STAGE1 + ict(ict_folder), capsys)
+    assert out.count('already fitted, skipped (--resume)') == 2
