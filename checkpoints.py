@@ -276,12 +276,13 @@ class Manifest:
     def record(self, index: int, path: str, digest: str, key: str, seconds: float = 0.0, where: str = '') -> None:
         """The results at ``index`` were written from checkpoint ``key`` of the photo at ``path``."""
         self.images[index] = dict(path=os.path.abspath(path), digest=digest, checkpoint=key)
-        self.report[index] = dict(index=index, path=os.path.abspath(path), status='fitted', error=None,
-                                  seconds=round(seconds, 2), where=where or this_process())
+        self.report_on(index, path, 'fitted', None, seconds, where)
 
-    def record_failure(self, index: int, path: str, error: str, seconds: float = 0.0, where: str = '') -> None:
-        """The photo at ``path`` (output index ``index``) could not be fitted, for ``error``."""
-        self.report[index] = dict(index=index, path=os.path.abspath(path), status='failed', error=error,
+    def report_on(self, index: int, path: str, status: str, error: str = None, seconds: float = 0.0,
+                  where: str = '') -> None:
+        """The report's entry of the input at ``path`` (output index ``index``): 'fitted', or
+        'failed' for ``error``; ``where``: host and process (default: this one)."""
+        self.report[index] = dict(index=index, path=os.path.abspath(path), status=status, error=error,
                                   seconds=round(seconds, 2), where=where or this_process())
 
     def written_from(self, index: int, digest: str, key: str) -> bool:

@@ -137,7 +137,7 @@ def fit_on_ray(args, config: Config, indexed: list, part: str = '') -> int:
         nonlocal failures
         for photo in group:
             failures += 1
-            manifest.record_failure(photo[0], photo[1], message, seconds, where)
+            manifest.report_on(photo[0], photo[1], 'failed', message, seconds, where)
         manifest.save(fingerprint)
         print(f'error: {message}')
 

@@ -144,7 +144,7 @@ def fit_inputs(args: argparse.Namespace, config: Config, indexed: list, observer
         message = f"{', '.join(paths)}: {reason}" if not reason.startswith(paths[0]) else reason
         for index, path in which:
             failures[path] = message
-            manifest.record_failure(index, path, message, seconds)
+            manifest.report_on(index, path, 'failed', message, seconds)
         manifest.save(fingerprint)
         print(f'error: {message}')
 
@@ -208,7 +208,9 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
     """A clip: the person's landmarks in every frame, one identity (shape and reflectance) from
     keyframes, each frame's pose and expression -> ``tracking.json``, ``arkit.csv`` (blendshape
     models), ``overlay.mp4``, and the keyframes' fits in ``keyframes/``; -> exit status."""
-    checkpoints.Manifest.begin(args.output, checkpoints.config_fingerprint(config), args.resume)
+    fingerprint = checkpoints.config_fingerprint(config)
+    manifest = checkpoints.Manifest.begin(args.output, fingerprint, args.resume)
+    start = time.perf_counter()
     model = modelFiles.load_model(config)
     print(f'{clip.path}: {clip.width}x{clip.height} px, {clip.fps:.3f} fps, {clip.frame_count or "unknown"} frames')
     digest = checkpoints.file_digest(clip.path) if os.path.isfile(clip.path) else os.path.abspath(clip.path)
@@ -229,7 +231,10 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
         print(f'warning: {clip.path}: {clip.damage}; the {len(tracks)} frames before it are tracked')
     keyframes = tracking.choose_keyframes(tracks)
     if not keyframes:
-        print(f'error: {clip.path}: no face found in any of its {len(tracks)} frames')
+        message = f'{clip.path}: no face found in any of its {len(tracks)} frames'
+        manifest.report_on(0, clip.path, 'failed', message, time.perf_counter() - start)
+        manifest.save(fingerprint)
+        print(f'error: {message}')
         return 1
     images = [photos.fit_image(frame.index, f'{clip.path} frame {frame.index}', frame.pixels / 255.0, 1,
                                tracks[frame.index].landmarks, config, 'keyframe')
@@ -259,6 +264,8 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
     speeds = ''.join(f'; {what} {len(tracks) / seconds[stage]:.1f} fps' for stage, what in
                      (('detect', 'finding the face'), ('track', 'landmark fit'), ('refine', 'photometric steps'))
                      if seconds[stage] > 0)
+    manifest.report_on(0, clip.path, 'fitted', seconds=time.perf_counter() - start)
+    manifest.save(fingerprint)
     print(f'done: {len(tracks)} frames: {counts["fitted"] + counts["cut"]} tracked ({counts["cut"]} after a cut), '
           f'{counts["no face"]} without a face{speeds}; results in {os.path.abspath(args.output)}')
     return 0

@@ -125,6 +125,8 @@ def test_a_folder_of_numbered_frames(ict_folder, tmp_path, capsys):
     record = json.loads((tmp_path / 'out' / 'tracking.json').read_text())
     assert status == 0 and record['fps'] == 12 and len(record['frames']) == 6
     assert record['frames'][3]['time'] == pytest.approx(0.25)
+    report = json.loads((tmp_path / 'out' / 'manifest.json').read_text())  # a clip run reports too
+    assert report['fitted'] == 1 and report['images'][0]['path'] == str(folder) and report['images'][0]['seconds'] > 0
 
 
 def test_arkit_names_of_ict_blendshapes():
