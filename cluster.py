@@ -18,7 +18,6 @@ import config as config_module
 import fitting
 import landmarks as landmarks_module
 import modelFiles
-import optimizer
 import photos
 import results
 import utils
@@ -28,11 +27,12 @@ MAX_RETRIES = 2  # restarts of a dead worker, and retries of the task it held
 
 
 class FitWorker:
-    """A Ray actor: the model and the landmark detector, loaded once; fits photos sent as bytes."""
+    """A Ray actor: the model and the landmark detector, loaded once; fits photos sent as bytes
+    with ``fit_group`` (the command line's: ``optimizer.fit_group``)."""
 
-    def __init__(self, config: Config, landmarks_given: bool):
+    def __init__(self, config: Config, landmarks_given: bool, fit_group):
         torch.set_num_threads(config.clusterCpus)
-        self.config = config
+        self.config, self.fit_group = config, fit_group
         self.model = modelFiles.load_model(config)
         self.detector = None if landmarks_given else landmarks_module.make_detector(config.lamdmarksDetectorType,
                                                                                     config.device)
@@ -47,7 +47,7 @@ class FitWorker:
             try:
                 images = [self.read(photo, folder) for photo in group]
                 output = os.path.join(folder, 'output')
-                optimizer.fit_group(self.model, images, self.config, shared_identity, output, key, False)
+                self.fit_group(self.model, images, self.config, shared_identity, output, key, False)
             except (photos.InputError, fitting.FitError, results.WriteError, checkpoints.CheckpointError) as error:
                 message = str(error)
                 for photo in group:  # the worker's copies -> the photos' own paths
@@ -126,9 +126,11 @@ def photo_task(index: int, path: str, landmarks_path: str) -> dict:
     return dict(index=index, path=os.path.abspath(path), data=data, landmarks=landmarks)
 
 
-def fit_on_ray(args, config: Config, indexed: list, part: str = '') -> int:
-    """``fit_inputs`` on a Ray cluster: the photos ``indexed`` [(output index, path)] as tasks,
-    the results written into ``args.output`` as they come back; -> exit status."""
+def fit_on_ray(args, config: Config, indexed: list, fit_group, final_stage: int, part: str = '') -> int:
+    """``optimizer.fit_inputs`` on a Ray cluster: the photos ``indexed`` [(output index, path)]
+    as tasks that ``fit_group`` fits, the results written into ``args.output`` as they come back;
+    ``final_stage``: the last stage the config runs (a photo with its checkpoint is done); ``part``:
+    a shard's manifest; -> exit status."""
     fingerprint = checkpoints.config_fingerprint(config)
     manifest = checkpoints.Manifest.begin(args.output, fingerprint, args.resume, part)
     failures = 0
@@ -142,7 +144,6 @@ def fit_on_ray(args, config: Config, indexed: list, part: str = '') -> int:
         print(f'error: {message}')
 
     tasks = []  # (photos [(index, path, digest)], shared identity, checkpoint key)
-    final = optimizer.last_stage(config)
     listed = [(index, path, checkpoints.file_digest(path)) for index, path in indexed]
     if args.sharedIdentity:
         tasks.append((listed, True, checkpoints.batch_key([digest for _, _, digest in listed])))
@@ -150,7 +151,7 @@ def fit_on_ray(args, config: Config, indexed: list, part: str = '') -> int:
         for index, path, digest in listed:
             key = checkpoints.image_key(digest)
             if args.resume and manifest.written_from(index, digest, key) \
-                    and os.path.isfile(checkpoints.checkpoint_path(args.output, key, final)):
+                    and os.path.isfile(checkpoints.checkpoint_path(args.output, key, final_stage)):
                 print(f'[{index}] {path}: already fitted, skipped (--resume)')
                 continue
             tasks.append(([(index, path, digest)], False, key))
@@ -162,7 +163,7 @@ def fit_on_ray(args, config: Config, indexed: list, part: str = '') -> int:
     try:
         need, slots = worker_resources(config, ray.cluster_resources())
         actor = ray.remote(max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES, **need)(FitWorker)
-        workers = [actor.remote(config, bool(args.landmarks)) for _ in range(min(slots, len(tasks)))]
+        workers = [actor.remote(config, bool(args.landmarks), fit_group) for _ in range(min(slots, len(tasks)))]
         print(f'Ray: {len(workers)} workers ({", ".join(f"{k} {v}" for k, v in need.items())} each) for {len(tasks)} '
               f'task(s)')
         pending, running, idle = list(reversed(tasks)), {}, list(workers)

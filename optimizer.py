@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, observer: FitObserver = None) -> int:
             print(f'shard {args.shard[0]} of {args.shard[1]}: {len(indexed)} of the {len(paths)} photos')
         if args.ray:
             import cluster  # ray is imported only by the runs that use it
-            fit = lambda: cluster.fit_on_ray(args, config, indexed, part)
+            fit = lambda: cluster.fit_on_ray(args, config, indexed, fit_group, last_stage(config), part)
         else:
             fit = lambda: fit_inputs(args, config, indexed, observer, part)
     with checkpoints.locked(args.output, part):
