@@ -195,13 +195,16 @@ class LiveFit(optimizer.FitObserver):
     def step(self, stage, params, pipeline, images, iteration, iterations, terms):
         if self.session.cancel.is_set():
             raise Cancelled()
-        message = dict(stage=stage, iteration=iteration + 1, iterations=iterations, terms=terms)
+        names = {os.path.basename(photo.path): photo.name for photo in self.session.photos}
+        message = dict(stage=stage, iteration=iteration + 1, iterations=iterations, terms=terms,
+                       photos=', '.join(names.get(os.path.basename(image.path), image.path) for image in images))
         if stage == 1 or iteration % LIVE_EVERY == 0 or iteration == iterations - 1:
             message['render'] = live_view(stage, params, pipeline, images[0], iteration)
         self.messages.put(message)
 
     def fitted(self, params, pipeline, images):
-        self.session.fitted = (params, pipeline, images)
+        if self.session.fitted is None:  # the first group fitted is the one shown
+            self.session.fitted = (params, pipeline, images)
 
 
 def live_view(stage: int, params, pipeline, image, iteration: int) -> np.ndarray:
@@ -261,14 +264,16 @@ def fit_in_thread(arguments: list, observer: LiveFit, messages: queue.Queue) -> 
 
 
 def result_views(output: str, session: Session) -> tuple:
-    """(composite, maps [(path, caption)], glb path, zip path) of the first image of a fit."""
-    maps = [(os.path.join(output, f'{name}_0.png'), caption) for name, caption in
+    """(composite, maps [(path, caption)], glb path, zip path) of the first image fitted (the
+    one the light slider renders); the zip holds every image's."""
+    label = session.fitted[2][0].index
+    maps = [(os.path.join(output, f'{name}_{label}.png'), caption) for name, caption in
             (('diffuseMap', 'diffuse'), ('specularMap', 'specular'), ('roughnessMap', 'roughness'),
              ('photoMap', 'photo texture'), ('envMap', 'light'))]
     maps = [(path, caption) for path, caption in maps if os.path.isfile(path)]
-    glb = os.path.join(output, 'head0.glb')
+    glb = os.path.join(output, f'head{label}.glb')
     archive = shutil.make_archive(os.path.join(session.folder, f'faceRecon-results-{session.runs}'), 'zip', output)
-    render = os.path.join(output, 'render_0.png')
+    render = os.path.join(output, f'render_{label}.png')
     return (render if os.path.isfile(render) else None, maps, glb if os.path.isfile(glb) else None, archive)
 
 
@@ -399,8 +404,8 @@ def build_app(models: dict, sessions: Sessions) -> gr.Blocks:
                     if 'done' in message:
                         break
                     terms = ', '.join(f'{k} {v:.4f}' for k, v in message['terms'].items())
-                    text = (f"Stage {message['stage']}: step {message['iteration']} of {message['iterations']}"
-                            + (f' — {terms}' if terms else ''))
+                    text = (f"{message['photos']}: stage {message['stage']}, step {message['iteration']} of "
+                            f"{message['iterations']}" + (f' — {terms}' if terms else ''))
                     yield text, message.get('render', gr.skip()), *[gr.skip()] * 5
             finally:
                 session.cancel.set()  # a page closed or a cancelled request stops the fit too
