@@ -87,8 +87,8 @@ def connect(address: str):
     machine) -> the ray module."""
     import ray
     try:
-        if address == 'local':
-            ray.init(include_dashboard=False, log_to_driver=True)
+        if address == 'local':  # a new one, even where another runs here
+            ray.init(address='local', include_dashboard=False, log_to_driver=True)
         else:
             ray.init(address=address, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as error:

@@ -140,3 +140,25 @@ def test_a_local_ray_cluster_gives_the_plain_run_and_retries_a_killed_worker(bat
     status, out = run(['--input', batch, '--output', on_ray, '--ray', 'local', '--resume', '--set', 'clusterCpus=1']
                       + STAGE1 + ict(ict_folder), capsys)
     assert out.count('already fitted, skipped (--resume)') == 2
+
+
+def test_joining_a_running_ray_cluster(batch, ict_folder, tmp_path, capsys):
+    import subprocess
+    import sys
+    pytest.importorskip('ray')
+    ray = os.path.join(os.path.dirname(sys.executable), 'ray')
+    started = subprocess.run([ray, 'start', '--head', '--num-cpus', '2', '--include-dashboard', 'false',
+                              '--disable-usage-stats'], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        single = tmp_path / 'one'
+        single.mkdir()
+        (single / 'a.png').write_bytes((batch / 'a.png').read_bytes())
+        status, out = run(['--input', single, '--output', tmp_path / 'out', '--ray', 'auto', '--set', 'clusterCpus=2']
+                          + STAGE1 + ict(ict_folder), capsys)
+    finally:
+        subprocess.run([ray, 'stop', '--force'], capture_output=True, timeout=120)
+    assert status == 0, out
+    entry = report(tmp_path / 'out')['images'][0]
+    assert entry['status'] == 'fitted' and entry['where'] != f'{os.uname().nodename} pid {os.getpid()}'
+    assert (tmp_path / 'out' / 'mesh0.obj').stat().st_size > 0
