@@ -103,8 +103,8 @@ class Session:
     photos: list = field(default_factory=list)
     selected: int = None          # the landmark picked to be moved
     cancel: threading.Event = field(default_factory=threading.Event)
-    fitted: tuple = None          # (params, pipeline, images) of the last fit
-    head: str = None              # its head{0}.glb
+    fitted: tuple = None          # (params, pipeline, images) of the last run's first group fitted
+    head: str = None              # its first image's head{i}.glb
     runs: int = 0
 
 
@@ -181,6 +181,7 @@ def landmark_view(photo: Photo, selected: int = None) -> np.ndarray:
 
 
 def region(index: int) -> str:
+    """The part of the face iBUG point ``index`` outlines."""
     return next(name for end, name in REGIONS if index < end)
 
 
