@@ -13,11 +13,12 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 import scipy.spatial
+import torch
 
 import utils
 from config import Config
 from morphableModel import (HEAD_PARTS, ModelFileError, MorphableModel, cached, canonical_model, face_uv_map,
-                            vertex_landmarks)
+                            landmark_points, vertex_landmarks)
 
 BFM_FILE = 'model2017-1_face12_nomouth.h5'
 ALBEDO_FILE = 'albedoModel2020_face12_albedoPart.h5'
@@ -314,6 +315,8 @@ FLAME_FITTED_JOINTS = ('jaw',)  # the neck turns with the head pose; the eyes st
 # steps; with 0.15 the prior held the landmark fit at 0.205; with 0.25: 0.225, then 0.235.
 FLAME_POSE_SIGMA = 0.25
 FLAME_SHAPE, FLAME_EXPRESSION = 300, 100  # shapedirs' columns: identity first, then expression
+# The texture spaces, in the order they are preferred: BFM-derived (AlbedoMM's, linear), FLAME's own.
+FLAME_TEXTURE_FILES = ('FLAME_albedo_from_BFM.npz', 'FLAME_texture.npz')
 # Without FLAME_masks.pkl the fitted face region is the front-facing surface inside the jaw line
 # and the brows raised by this share of the brow-to-chin height (the forehead).
 FLAME_FOREHEAD_SHARE = 0.3
@@ -328,16 +331,25 @@ class _PickledChumpy:
 
 
 class _PickledSparse:
-    """What a scipy sparse matrix (FLAME's ``J_regressor``) becomes: its state (format, shape,
-    data, indices, indptr)."""
+    """What a scipy sparse matrix (FLAME's ``J_regressor``) becomes: its state (shape, data,
+    indices, indptr); the subclass says its format (newer scipy keeps it in the class only)."""
+    matrix = None
 
     def __setstate__(self, state):
         self.state = state
 
 
+class _PickledCsc(_PickledSparse):
+    matrix = scipy.sparse.csc_matrix
+
+
+class _PickledCsr(_PickledSparse):
+    matrix = scipy.sparse.csr_matrix
+
+
 def _reconstructor(cls, base, state):
     """``copyreg._reconstructor`` for the stand-ins above only (protocol 0/1 pickles)."""
-    if cls not in (_PickledChumpy, _PickledSparse) or base is not object or state is not None:
+    if cls not in (_PickledChumpy, _PickledCsc, _PickledCsr) or base is not object or state is not None:
         raise pickle.UnpicklingError('a pickled object of an unexpected kind')
     return object.__new__(cls)
 
@@ -368,7 +380,7 @@ class SafeUnpickler(pickle.Unpickler):
         if module.split('.')[0] == 'chumpy':
             return _PickledChumpy
         if module.startswith('scipy.sparse') and name in ('csc_matrix', 'csr_matrix'):
-            return _PickledSparse
+            return _PickledCsc if name == 'csc_matrix' else _PickledCsr
         raise pickle.UnpicklingError(f'refused to load {module}.{name}: a model file holds arrays only')
 
 
@@ -384,8 +396,7 @@ def _plain(value):
         return value.state['x']
     if isinstance(value, _PickledSparse):
         state = value.state
-        kind = scipy.sparse.csc_matrix if state.get('format', 'csc') == 'csc' else scipy.sparse.csr_matrix
-        return kind((state['data'], state['indices'], state['indptr']), shape=state['_shape'])
+        return value.matrix((state['data'], state['indices'], state['indptr']), shape=state['_shape'])
     return value
 
 
@@ -408,7 +419,7 @@ def read_npy(path: str, what: str):
             _, _, dtype = read_header(file)
             if not dtype.hasobject:
                 return np.load(path)
-            array = _plain(SafeUnpickler(file, encoding='latin1').load())
+            array = SafeUnpickler(file, encoding='latin1').load()
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ModelFileError(f"'{path}' is not a usable {what} ({error}): download it again") from None
     return _plain(array.item()) if array.shape == () else array
@@ -510,11 +521,8 @@ def flame_face_region(folder: str, vertices: np.ndarray, faces: np.ndarray, land
         return region & head
     jaw, brows = landmarks[0:17, :2], landmarks[26:16:-1, :2]
     forehead = brows + [0.0, FLAME_FOREHEAD_SHARE * (brows[:, 1].mean() - landmarks[8, 1])]
-    normals = utils.face_normals_np(vertices, faces)
-    vertex_normals = np.zeros_like(vertices)
-    for k in range(3):
-        np.add.at(vertex_normals, faces[:, k], normals)
-    facing = vertex_normals[:, 2] > 0.3 * np.linalg.norm(vertex_normals, axis=1)  # the face looks along +z
+    normals = utils.vertex_normals(torch.from_numpy(vertices)[None], torch.from_numpy(faces))[0].numpy()
+    facing = normals[:, 2] > 0.3  # the face looks along +z
     return _inside_polygon(vertices[:, :2], np.concatenate([jaw, forehead])) & facing & head
 
 
@@ -524,11 +532,8 @@ def flame_texture_space(folder: str, n_vertices: int, vertex_uvs: np.ndarray):
     None without one. ``FLAME_texture.npz`` (mean, tex_dir: 512² BGR in 0-255, from photos: sRGB,
     linearised about the mean) or ``FLAME_albedo_from_BFM.npz`` (MU, PC, specMU, specPC: BGR,
     AlbedoMM's linear albedo)."""
-    for name, keys in (('FLAME_albedo_from_BFM.npz', ('MU', 'PC')), ('FLAME_texture.npz', ('mean', 'tex_dir'))):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            break
-    else:
+    path = flame_texture_file(folder)
+    if path is None:
         return None
     with np.load(path) as data:
         def at_vertices(mean_key, basis_key, scale):
@@ -540,7 +545,7 @@ def flame_texture_space(folder: str, n_vertices: int, vertex_uvs: np.ndarray):
             mean_rgb = sample(mean[:, None] * scale)[..., 0][:, ::-1]
             basis_rgb = sample(basis * scale)[:, ::-1].transpose(2, 0, 1)  # [k, verts, 3]
             return mean_rgb, basis_rgb
-        if keys[0] == 'MU':
+        if os.path.basename(path) == FLAME_TEXTURE_FILES[0]:
             diffuse_mean, diffuse_basis = at_vertices('MU', 'PC', 1.0)
             specular = at_vertices('specMU', 'specPC', 1.0) if 'specMU' in data else None
         else:
@@ -554,6 +559,12 @@ def flame_texture_space(folder: str, n_vertices: int, vertex_uvs: np.ndarray):
         specular = (np.full((n_vertices, 3), SKIN_MEAN_SPECULAR, np.float32), np.zeros_like(diffuse_basis))
     return (diffuse_mean.astype(np.float32), diffuse_basis.astype(np.float32),
             specular[0].astype(np.float32), specular[1][:len(diffuse_basis)].astype(np.float32))
+
+
+def flame_texture_file(folder: str):
+    """The first of FLAME_TEXTURE_FILES in ``folder``, or None."""
+    return next((os.path.join(folder, name) for name in FLAME_TEXTURE_FILES
+                 if os.path.isfile(os.path.join(folder, name))), None)
 
 
 def _bilinear_texels(uvs: np.ndarray, side: int) -> tuple:
@@ -572,12 +583,11 @@ def _bilinear_texels(uvs: np.ndarray, side: int) -> tuple:
 def flame_uvs(folder: str, faces: np.ndarray):
     """FLAME's UV map (uvs [uv_verts, 2] v up, uv_faces [tris, 3]) from the texture space or
     ``head_template_mesh.obj``; None without either."""
-    for name in ('FLAME_albedo_from_BFM.npz', 'FLAME_texture.npz'):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with np.load(path) as data:
-                if 'vt' in data and 'ft' in data:
-                    return np.asarray(data['vt'], np.float32), np.asarray(data['ft'], np.int64)
+    path = flame_texture_file(folder)
+    if path is not None:
+        with np.load(path) as data:
+            if 'vt' in data and 'ft' in data:
+                return np.asarray(data['vt'], np.float32), np.asarray(data['ft'], np.int64)
     path = os.path.join(folder, 'head_template_mesh.obj')
     if os.path.isfile(path):
         _, uvs, polygons, _ = read_obj(path)
@@ -617,7 +627,7 @@ def _build_flame(model_file: str) -> MorphableModel:
 
     landmarks = flame_landmarks(folder, faces)
     head_vertices = _mesh_components(faces, n) == 0  # the eyeballs are separate shells
-    points = np.einsum('kjc,kj->kc', template[landmarks[0].clip(0)], landmarks[1])
+    points = landmark_points(torch.from_numpy(template)[None], *map(torch.from_numpy, landmarks))[0].numpy()
     region = flame_face_region(folder, template, faces, points, head_vertices)
     in_face = region[faces].all(axis=1)
     eyeball = ~head_vertices[faces[:, 0]]
@@ -648,9 +658,8 @@ def load_flame(path: str) -> MorphableModel:
     embedding, and the masks and texture space where they are in the same folder."""
     model_file = find_flame_file(path)
     folder = os.path.dirname(model_file)
-    optional = ['FLAME_masks.pkl', 'FLAME_albedo_from_BFM.npz', 'FLAME_texture.npz', 'head_template_mesh.obj',
-                'flame_dynamic_embedding.npy']
-    sources = [model_file] + [os.path.join(folder, name) for name in FLAME_EMBEDDINGS + tuple(optional)
+    optional = ('FLAME_masks.pkl', 'head_template_mesh.obj', 'flame_dynamic_embedding.npy') + FLAME_TEXTURE_FILES
+    sources = [model_file] + [os.path.join(folder, name) for name in FLAME_EMBEDDINGS + optional
                               if os.path.isfile(os.path.join(folder, name))]
     return cached(sources, 'flame', lambda: _build_flame(model_file), f"the FLAME files in '{folder}'",
                   f'download them again from {FLAME_URL}')

@@ -12,6 +12,7 @@ steps, as FLAME defines it (Li et al. 2017, after SMPL):
 face toward -z); the joint rotations stay in the model's own frame (FLAME's: y up, the face
 toward +z), so that fitted poses are the numbers the model's own tools take.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -106,9 +107,7 @@ class Skinning:
 
     def at_vertices(self, index: torch.Tensor) -> 'Skinning':
         """The same joints driving only the vertices ``index`` [k]."""
-        return Skinning(self.parents, self.joint_mean, self.joint_shape_basis, self.joint_expression_basis,
-                        self.pose_basis[:, index], self.weights[index], self.posed_joints, self.frame, self.origin,
-                        self.pose_sigma)
+        return dataclasses.replace(self, pose_basis=self.pose_basis[:, index], weights=self.weights[index])
 
     def joints(self, identity: torch.Tensor, expression: torch.Tensor) -> torch.Tensor:
         """Rest joints [n, joints, 3] (canonical frame) of identity [n, n_shape] and blendshape

@@ -244,3 +244,12 @@ def test_texture_space_at_the_vertices(tmp_path, kind):
         sampled, sampled_first = utils.srgb_to_linear(sampled), sampled_first * slope
     assert np.allclose(model.diffuse_mean.numpy(), sampled, atol=2e-3)
     assert np.allclose(model.diffuse_basis[0].numpy(), sampled_first, atol=2e-3)
+
+
+def test_sparse_matrices_keep_their_format(tmp_path):
+    import scipy.sparse
+    dense = np.array([[0.0, 1.5, 0.0], [2.0, 0.0, 0.5]])
+    for kind in (scipy.sparse.csc_matrix, scipy.sparse.csr_matrix):  # newer scipy keeps the format in the class
+        (tmp_path / 'm.pkl').write_bytes(pickle.dumps({'J_regressor': kind(dense)}, protocol=2))
+        matrix = modelFiles.read_pickle(str(tmp_path / 'm.pkl'), 'FLAME model file')['J_regressor']
+        assert matrix.format == kind((2, 3)).format and np.array_equal(matrix.toarray(), dense)
