@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import socket
 import sys
 import zipfile
@@ -30,15 +31,16 @@ LOCK_FILE = '.faceRecon.lock'
 CHECKPOINT_FOLDER = 'checkpoints'
 MANIFEST_FILE = os.path.join(CHECKPOINT_FOLDER, 'run.json')
 REPORT_FILE = 'manifest.json'
+SHARD_REPORT = re.compile(r'manifest\.shard-(\d+)-of-(\d+)\.json')  # a shard's REPORT_FILE (see part_file)
+TEMPORARY_PREFIX = '.tmp-'  # utils.atomic_path's temporary files
+# Config keys that a checkpoint depends on: with another value it cannot be continued.
+CHECKPOINT_CONFIG_KEYS = ('model', 'trimPca', 'bands', 'maxResolution')
 
 
 def part_file(name: str, part: str) -> str:
     """The file ``name`` of a part of a run: 'manifest.json' -> 'manifest.shard-2-of-8.json'."""
     stem, extension = os.path.splitext(name)
     return stem + part + extension
-TEMPORARY_PREFIX = '.tmp-'  # utils.atomic_path's temporary files
-# Config keys that a checkpoint depends on: with another value it cannot be continued.
-CHECKPOINT_CONFIG_KEYS = ('model', 'trimPca', 'bands', 'maxResolution')
 
 
 class RunError(RuntimeError):
@@ -285,6 +287,11 @@ class Manifest:
         self.report[index] = dict(index=index, path=os.path.abspath(path), status=status, error=error,
                                   seconds=round(seconds, 2), where=where or this_process())
 
+    def finished(self, index: int, digest: str, key: str, final_stage: int) -> bool:
+        """Whether the photo at ``index`` (content ``digest``, checkpoint ``key``) is fitted to its
+        last stage and its results written: what ``--resume`` skips."""
+        return self.written_from(index, digest, key) and os.path.isfile(checkpoint_path(self.output, key, final_stage))
+
     def written_from(self, index: int, digest: str, key: str) -> bool:
         """Whether the results at ``index`` were written from this photo's checkpoint ``key``."""
         entry = self.images.get(index, {})
@@ -321,14 +328,16 @@ def merge_reports(output: str) -> tuple:
     there are none, or shards of different counts."""
     found = {}
     for name in os.listdir(output) if os.path.isdir(output) else []:
-        stem = name[len('manifest.shard-'):-len('.json')] if name.startswith('manifest.shard-') and name.endswith('.json') else ''
-        shard, _, count = stem.partition('-of-')
-        if shard.isdigit() and count.isdigit():
-            found[int(shard), int(count)] = os.path.join(output, name)
+        match = SHARD_REPORT.fullmatch(name)
+        if match:
+            found[int(match[1]), int(match[2])] = os.path.join(output, name)
     counts = {count for _, count in found}
-    if not found or len(counts) > 1:
-        raise RunError(f"'{output}' holds {'no shard reports (manifest.shard-K-of-N.json)' if not found else 'reports of shards of different counts ' + str(sorted(counts))}: "
-                       f"give the --output of a sharded run")
+    if not found:
+        raise RunError(f"'{output}' holds no shard reports (manifest.shard-K-of-N.json): give the --output of a "
+                       f"sharded run")
+    if len(counts) > 1:
+        raise RunError(f"'{output}' holds reports of shards of different counts {sorted(counts)}: give the --output "
+                       f"of one sharded run")
     count = counts.pop()
     entries = {}
     for path in found.values():

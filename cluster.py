@@ -150,8 +150,7 @@ def fit_on_ray(args, config: Config, indexed: list, fit_group, final_stage: int,
     else:
         for index, path, digest in listed:
             key = checkpoints.image_key(digest)
-            if args.resume and manifest.written_from(index, digest, key) \
-                    and os.path.isfile(checkpoints.checkpoint_path(args.output, key, final_stage)):
+            if args.resume and manifest.finished(index, digest, key, final_stage):
                 print(f'[{index}] {path}: already fitted, skipped (--resume)')
                 continue
             tasks.append(([(index, path, digest)], False, key))

@@ -193,8 +193,7 @@ def fit_inputs(args: argparse.Namespace, config: Config, indexed: list, observer
                 continue
             image, digest = prepared
             key = checkpoints.image_key(digest)
-            if args.resume and manifest.written_from(index, digest, key) \
-                    and os.path.isfile(checkpoints.checkpoint_path(args.output, key, final)):
+            if args.resume and manifest.finished(index, digest, key, final):
                 print(f'[{index}] {path}: already fitted, skipped (--resume)')
                 continue
             fit([image], [digest], False, key)
