@@ -151,11 +151,11 @@ class LandmarkProblem:
     focal length and pose apart. σ = max(w, h) / 128 px (2 px at 256 px), and λ = weight / 0.001,
     so NextFace's default weights give the plain Gaussian prior."""
 
-    def __init__(self, model: MorphableModel, targets: Targets, config: Config, identity: torch.Tensor = None):
-        """``identity`` [n_shape]: a known identity (a tracked clip's), else the mean face."""
-        self.expression_bounds = model.expression_bounds
-        self.model = model.landmark_model()
-        self.identity = (torch.zeros(model.n_shape) if identity is None else identity).double()[None]  # [1, n_shape]
+    def __init__(self, landmark_model: MorphableModel, targets: Targets, config: Config):
+        """``landmark_model``: ``MorphableModel.landmark_model`` of the model, at the mean face
+        or a known identity (a tracked clip's), built once for all the problems that share it."""
+        self.expression_bounds = landmark_model.expression_bounds
+        self.model = landmark_model
         self.targets = targets.landmarks.double()
         self.centres = targets.centres.double()
         sigma = torch.tensor([max(size) / 128 for size in targets.sizes], dtype=torch.float64)
@@ -164,7 +164,7 @@ class LandmarkProblem:
         self.expression_weight = math.sqrt(config.weightExpressionReg / 0.001)
         self.optimize_focal = config.optimizeFocalLength
         self.sizes = dict(rotation=(self.n, 3), translation=(self.n, 3),
-                          expression=(self.n, model.n_expression),
+                          expression=(self.n, landmark_model.n_expression),
                           log_focal=(self.n,) if self.optimize_focal else (0,))
 
     def pack(self, **values) -> torch.Tensor:
@@ -192,7 +192,7 @@ class LandmarkProblem:
     def landmark_pixels(self, p: dict, focal: torch.Tensor) -> torch.Tensor:
         """Model landmarks in pixels [n, 68, 2]."""
         expression = p['expression']
-        vertices = self.model.vertices(self.identity.expand(len(expression), -1), expression)
+        vertices = self.model.vertices(expression.new_zeros(len(expression), 0), expression)
         canonical = self.model.landmark_points(vertices)
         return project(to_camera(canonical, p['rotation'], p['translation']), focal, self.centres)
 
@@ -223,7 +223,7 @@ def focal_candidates(sizes: list, config: Config) -> list:
 def fit_landmarks(model: MorphableModel, targets: Targets, config: Config, shared_identity: bool) -> tuple:
     """Stage 1: pose, expression and focal length from the landmarks -> (SceneParameters,
     history of every Levenberg-Marquardt iteration of every focal start)."""
-    problem = LandmarkProblem(model, targets, config)
+    problem = LandmarkProblem(model.landmark_model(), targets, config)
     mean_points = model.landmark_points(model.mean_shape[None])[0].numpy()
     relative = (targets.landmarks - targets.centres[:, None]).numpy()  # [n, 68, 2]
     usable = targets.landmark_usable.numpy()

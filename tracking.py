@@ -289,6 +289,7 @@ def track(tracks: list, model: MorphableModel, identity: torch.Tensor, focal: fl
     fit_config = config.replace(optimizeFocalLength=False, camFocalLength=focal)
     focal_tensor = torch.tensor([focal], dtype=torch.float64)
     mean_points = model.landmark_points(model.mean_shape[None])[0].numpy()
+    landmark_model = model.landmark_model(identity)  # once for every frame
     frames = clip.frames() if refiner is not None else iter(())
     previous, last_save = None, time.perf_counter()
     try:
@@ -300,7 +301,7 @@ def track(tracks: list, model: MorphableModel, identity: torch.Tensor, focal: fl
                 previous = None
                 continue
             if frame.expression is None:
-                track_frame(frame, model, identity, focal_tensor, size, fit_config, previous, mean_points)
+                track_frame(frame, landmark_model, focal_tensor, size, fit_config, previous, mean_points)
                 if refiner is not None and pixels is not None:
                     refiner.refine(frame, pixels.pixels)
                 if log is not None:
@@ -314,13 +315,14 @@ def track(tracks: list, model: MorphableModel, identity: torch.Tensor, focal: fl
             log.flush()
 
 
-def track_frame(frame: FrameTrack, model: MorphableModel, identity: torch.Tensor, focal: torch.Tensor, size: tuple,
+def track_frame(frame: FrameTrack, landmark_model: MorphableModel, focal: torch.Tensor, size: tuple,
                 config: Config, previous: FrameTrack, mean_points: np.ndarray) -> None:
     """One frame's pose and expression, from ``previous`` (the frame before, tracked) if the shot
-    goes on, else from a camera estimate of its landmarks."""
+    goes on, else from a camera estimate of its landmarks; ``landmark_model``: the model at the
+    clip's identity (``MorphableModel.landmark_model``)."""
     start = time.perf_counter()
-    targets = fitting.Targets.of_landmarks(model, frame.landmarks[None], [size])
-    problem = fitting.LandmarkProblem(model, targets, config, identity=identity)
+    targets = fitting.Targets.of_landmarks(landmark_model, frame.landmarks[None], [size])
+    problem = fitting.LandmarkProblem(landmark_model, targets, config)
     no_focal = torch.zeros(0, dtype=torch.float64)
     if previous is None or frame.status == 'cut':
         usable = targets.landmark_usable[0].numpy()
