@@ -192,13 +192,13 @@ class LiveFit(optimizer.FitObserver):
 
     def __init__(self, session: Session, messages: queue.Queue):
         self.session, self.messages = session, messages
+        self.names = {os.path.basename(photo.path): photo.name for photo in session.photos}  # run's copy -> upload
 
     def step(self, stage, params, pipeline, images, iteration, iterations, terms):
         if self.session.cancel.is_set():
             raise Cancelled()
-        names = {os.path.basename(photo.path): photo.name for photo in self.session.photos}
         message = dict(stage=stage, iteration=iteration + 1, iterations=iterations, terms=terms,
-                       photos=', '.join(names.get(os.path.basename(image.path), image.path) for image in images))
+                       photos=', '.join(self.names.get(os.path.basename(image.path), image.path) for image in images))
         if stage == 1 or iteration % LIVE_EVERY == 0 or iteration == iterations - 1:
             message['render'] = live_view(stage, params, pipeline, images[0], iteration)
         self.messages.put(message)
