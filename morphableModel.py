@@ -185,19 +185,24 @@ class MorphableModel:
 
     def landmark_model(self, identity: torch.Tensor = None) -> 'MorphableModel':
         """What a landmark fit evaluates, in float64: the model cut down to the vertices its
-        landmarks lie on (the same landmarks, no triangles, no head), at a known ``identity``
-        [n_shape] (default: the mean face) folded into its mean, so that it has no identity
-        coefficients left (``vertices`` takes identity [n, 0])."""
-        identity = torch.zeros(self.n_shape) if identity is None else identity.to(self.mean_shape.dtype)
+        landmarks lie on (the same landmarks, no triangles, no head). With a known ``identity``
+        [n_shape] (a tracked clip's) that identity is folded into its mean, so that it has no
+        identity coefficients left (``vertices`` takes identity [n, 0]); without, the identity
+        basis stays and the fit finds the identity too."""
         used, corners = torch.unique(self.landmark_vertices.clamp_min(0), return_inverse=True)
         at = lambda basis: basis[:, used]
-        skinning = self.skinning and dataclasses.replace(
-            self.skinning.at_vertices(used), joint_shape_basis=self.skinning.joint_shape_basis[:0],
-            joint_mean=self.skinning.joint_mean + torch.einsum('k,kjc->jc', identity, self.skinning.joint_shape_basis))
+        mean_shape, shape_basis, skinning = self.mean_shape[used], at(self.shape_basis), self.skinning
+        skinning = skinning and skinning.at_vertices(used)
+        if identity is not None:
+            identity = identity.to(self.mean_shape.dtype)
+            mean_shape = mean_shape + torch.einsum('k,kvc->vc', identity, shape_basis)
+            shape_basis = shape_basis[:0]
+            skinning = skinning and dataclasses.replace(
+                skinning, joint_shape_basis=skinning.joint_shape_basis[:0],
+                joint_mean=skinning.joint_mean + torch.einsum('k,kjc->jc', identity, skinning.joint_shape_basis))
         small = dataclasses.replace(
-            self, mean_shape=self.mean_shape[used] + torch.einsum('k,kvc->vc', identity, at(self.shape_basis)),
-            shape_basis=self.shape_basis[:0, used], expression_basis=at(self.expression_basis), faces=self.faces[:0],
-            uvs=self.uvs[:0], uv_faces=self.uv_faces[:0],
+            self, mean_shape=mean_shape, shape_basis=shape_basis, expression_basis=at(self.expression_basis),
+            faces=self.faces[:0], uvs=self.uvs[:0], uv_faces=self.uv_faces[:0],
             landmark_vertices=torch.where(self.landmark_vertices >= 0, corners, -1),
             diffuse_mean=self.diffuse_mean[used], diffuse_basis=at(self.diffuse_basis),
             specular_mean=self.specular_mean[used], specular_basis=at(self.specular_basis), head=None,

@@ -337,7 +337,7 @@ def track_frame(frame: FrameTrack, landmark_model: MorphableModel, focal: torch.
                                    expression=as_row(previous.expression), log_focal=no_focal)
         iterations = TRACK_ITERATIONS
     weights = problem.pack(**{key: torch.full(shape, 1 / TEMPORAL_SIGMA[key] ** 2, dtype=torch.float64)
-                              for key, shape in problem.sizes.items()})
+                              for key, shape in problem.sizes.items() if key in TEMPORAL_SIGMA})
     lower, upper = problem.bounds()
     x, _ = fitting.levenberg_marquardt(lambda v: problem.residuals(v, focal, anchor, weights), x0, iterations,
                                        lower=lower, upper=upper)
