@@ -708,13 +708,14 @@ STAGE2_RATES = dict(geometry=0.1, albedo=0.02, rotation=0.002, translation=0.5, 
 REFINE_RATES = dict(expression=0.02, rotation=0.002, translation=0.5)
 
 
-def stage2_samples(config: Config, iteration: int) -> int:
-    """Samples per pixel of stage 2's step ``iteration``: half of rtTrainingSamples while the
-    steps are full (the first half, see ``learning_rate_factor``), all of them while they shrink
-    and average the noise out. Measured with benchmark.py, two runs each: 8 spp throughout
-    0.0629 / 0.0632 and 5.47 / 5.88 mm, stage 2 81.7 / 80.2 s; 4 spp first 0.0635 / 0.0616 and
-    6.07 / 5.12 mm, 71.3 / 72.4 s (runs differ by about 0.003 and 0.4 mm)."""
-    return max(1, config.rtTrainingSamples // 2) if iteration < config.iterStep2 // 2 else config.rtTrainingSamples
+def training_samples(config: Config, iteration: int, iterations: int) -> int:
+    """Samples per pixel of step ``iteration`` of a stage of ``iterations`` steps: half of
+    rtTrainingSamples while the steps are full (the first half, see ``learning_rate_factor``),
+    all of them while they shrink and average the noise out. Measured on stage 2 with
+    benchmark.py, two runs each: 8 spp throughout 0.0629 / 0.0632 and 5.47 / 5.88 mm, stage 2
+    81.7 / 80.2 s; 4 spp first 0.0635 / 0.0616 and 6.07 / 5.12 mm, 71.3 / 72.4 s (runs differ
+    by about 0.003 and 0.4 mm)."""
+    return max(1, config.rtTrainingSamples // 2) if iteration < iterations // 2 else config.rtTrainingSamples
 
 
 def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_step=None) -> tuple:
@@ -740,7 +741,7 @@ def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
 
     def loss_terms(iteration: int) -> dict:
         vertices = pipeline.vertices(params)
-        spp = stage2_samples(config, iteration)
+        spp = training_samples(config, iteration, config.iterStep2)
         photo = sum(photometric_loss(pipeline.render(params, row, spp, iteration, vertices[row]),
                                      target, pixel_weights[row]) for row, target in enumerate(targets.photos)) / len(targets.photos)
         return dict(
@@ -849,7 +850,8 @@ def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
         vertices = pipeline.vertices(params)  # fixed in stage 3: weightLandmarksLossStep3 has nothing to move
 
     def loss_terms(iteration: int) -> dict:
-        photo = sum(photometric_loss(pipeline.render(params, row, config.rtTrainingSamples, 10_000 + iteration,
+        spp = training_samples(config, iteration, config.iterStep3)
+        photo = sum(photometric_loss(pipeline.render(params, row, spp, 10_000 + iteration,
                                                      vertices[row]), target, pixel_weights[row])
                     for row, target in enumerate(targets.photos)) / len(targets.photos)
         regularizers = {f'{name}_regularizer': sum(texture_regularizer(texture[k], references[name][k], weights[name])
