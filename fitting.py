@@ -414,6 +414,8 @@ POSITIVE_OFFSET = 3.0
 MIN_SOLVE_PIXELS = 64
 # The albedo's Gaussian prior against the pixels' residual, as a pixel noise level (linear colour).
 ALBEDO_PIXEL_SIGMA = 0.2
+# Pixels per block of the albedo's normal equations (``solve_albedo``).
+ALBEDO_SOLVE_CHUNK = 4096
 
 
 @dataclass
@@ -522,12 +524,16 @@ def solve_albedo(images: list, lights: list, weights: list, n_albedo: int) -> to
         diffuse_shading, specular_shading = shading(pixels, light)
         (diffuse_mean, diffuse_basis), (specular_mean, specular_basis) = pixels.diffuse_albedo, pixels.specular_albedo
         target = pixels.photo - diffuse_shading * diffuse_mean.double() - specular_shading * specular_mean.double()
-        for c in range(3):  # a channel at a time: the design [k, n] in double stays small
-            design = (diffuse_shading[:, c, None] * diffuse_basis[:, c].double()
-                      + specular_shading[:, c, None] * specular_basis[:, c].double())
-            weighted = design * weight[:, None]
-            normal += weighted.T @ design
-            right += weighted.T @ target[:, c]
+        # A channel and ALBEDO_SOLVE_CHUNK pixels at a time: the design [chunk, n] in double stays
+        # small (the whole face's, 30k pixels of AlbedoMM's 145 components, was about 200 MB of
+        # temporaries and the peak of the fit's memory).
+        for chunk in torch.split(torch.arange(len(target)), ALBEDO_SOLVE_CHUNK):
+            for c in range(3):
+                design = (diffuse_shading[chunk, c, None] * diffuse_basis[chunk, c].double()
+                          + specular_shading[chunk, c, None] * specular_basis[chunk, c].double())
+                weighted = design * weight[chunk, None]
+                normal += weighted.T @ design
+                right += weighted.T @ target[chunk, c]
     return torch.linalg.solve(normal, right)
 
 
@@ -570,10 +576,12 @@ def white_balance(model: MorphableModel, coefficients: torch.Tensor, shadings: l
     of each image of that identity) -> (k [3], the coefficients of the scaled albedo [n])."""
     basis, mean = model.diffuse_basis, model.diffuse_mean  # [n, verts, 3], [verts, 3]
     albedo = mean + torch.einsum('n,nvc->vc', coefficients, basis)
-    # least squares by the normal equations, with no copy of the basis
-    gram = torch.einsum('nvc,mvc->nm', basis, basis).double()
-    columns = torch.stack([torch.einsum('nv,v->n', basis[..., c], albedo[:, c]) for c in range(3)]
-                          + [torch.einsum('nvc,vc->n', basis, mean)], dim=1).double()
+    # least squares by the normal equations, with no copy of the basis (a view [n, verts·3]; one
+    # channel's columns are its products with the albedo of that channel alone)
+    flat = basis.reshape(len(basis), -1)
+    channel = lambda c: (albedo * (torch.arange(3) == c)).reshape(-1)  # [verts·3], 0 outside channel c
+    gram = (flat @ flat.T).double()
+    columns = torch.stack([flat @ channel(c) for c in range(3)] + [flat @ mean.reshape(-1)], dim=1).double()
     solution = torch.linalg.lstsq(gram, columns).solution.numpy()  # the channels' and the mean's coefficients
     per_channel, of_mean = solution[:, :3], solution[:, 3]
     logs = np.log(np.stack([brightness.numpy() for brightness in shadings]).clip(1e-6))  # [images, 3]
