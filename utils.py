@@ -59,9 +59,10 @@ def face_normals_np(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """[n, verts, 3], [tris, 3] -> unit vertex normals [n, verts, 3] (area-weighted face normals)."""
-    v0, v1, v2 = (vertices[:, faces[:, k]] for k in range(3))
+    # Indexed along the first dimension: on the CPU torch's index_add along the second was 25x
+    # slower (13 ms against 0.5 ms for 57k triangles), and it ran every step of stage 2.
+    per_vertex = vertices.transpose(0, 1)  # [verts, n, 3]
+    v0, v1, v2 = (per_vertex[faces[:, k]] for k in range(3))  # [tris, n, 3]
     face_normals = torch.cross(v1 - v0, v2 - v0, dim=-1)
-    normals = torch.zeros_like(vertices)
-    for k in range(3):
-        normals = normals.index_add(1, faces[:, k], face_normals)
-    return torch.nn.functional.normalize(normals, dim=-1, eps=1e-12)
+    normals = vertices.new_zeros(per_vertex.shape).index_add(0, faces.T.reshape(-1), face_normals.repeat(3, 1, 1))
+    return torch.nn.functional.normalize(normals, dim=-1, eps=1e-12).transpose(0, 1)
