@@ -527,7 +527,8 @@ def solve_albedo(images: list, lights: list, weights: list, n_albedo: int) -> to
         # A channel and ALBEDO_SOLVE_CHUNK pixels at a time: the design [chunk, n] in double stays
         # small (the whole face's, 30k pixels of AlbedoMM's 145 components, was about 200 MB of
         # temporaries and the peak of the fit's memory).
-        for chunk in torch.split(torch.arange(len(target)), ALBEDO_SOLVE_CHUNK):
+        for start in range(0, len(target), ALBEDO_SOLVE_CHUNK):
+            chunk = slice(start, start + ALBEDO_SOLVE_CHUNK)  # views, not gathered copies
             for c in range(3):
                 design = (diffuse_shading[chunk, c, None] * diffuse_basis[chunk, c].double()
                           + specular_shading[chunk, c, None] * specular_basis[chunk, c].double())
