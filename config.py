@@ -83,8 +83,9 @@ class Config:
     # ray tracing
     rtSamples: int = field(default=500, metadata=_between(1, 65536))
     rtTrainingSamples: int = field(default=8, metadata=_between(1, 4096))
-    # 'prb' (fast, no silhouette gradients) or 'direct_projective' (silhouette gradients, slower)
-    integrator: str = field(default='prb', metadata=dict(choices=('prb', 'direct_projective')))
+    # 'prb' (no silhouette gradients) or 'prb_projective' (silhouette gradients, ~2.2x slower;
+    # see renderer.INTEGRATORS)
+    integrator: str = field(default='prb', metadata=dict(choices=('prb', 'prb_projective')))
     seed: int = field(default=0, metadata=_between(0, 2 ** 31 - 1))
     # video: photometric steps per frame after the landmark fit, on a square of the face this many px
     videoPhotometricSteps: int = field(default=2, metadata=_between(0, 1000))

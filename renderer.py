@@ -17,6 +17,16 @@ import torch
 import sphericalharmonics
 
 
+# The integrators a fit can use, both direct illumination (camera -> face -> light), rendering the
+# same image: 'prb' differentiates the shading only; 'prb_projective' adds the gradients of the
+# face's outline moving over the background (projective sampling of primary visibility; shadows'
+# edges are left out, sppi 0) at about 2.2x the cost of a step. Mitsuba's 'direct_projective'
+# renders the same colours but an alpha of 1 wherever a ray meets the environment light, so the
+# face's coverage that the fit's masks are made of is lost (benchmark.py: 12.8 mm); it is not
+# offered. tests/test_renderer.py checks the image and the coverage of each one offered.
+INTEGRATORS = {'prb': {'type': 'prb', 'max_depth': 2},
+               'prb_projective': {'type': 'prb_projective', 'max_depth': 2, 'sppi': 0}}
+
 # Samples per pixel of one pass of a render without gradients: drjit keeps per-sample state of a
 # pass in memory (~40 MB per million samples), so a 500 spp render of 256² px goes in 8 passes.
 MAX_SPP_PER_PASS = 64
@@ -110,13 +120,15 @@ class FaceRenderer:
         envmap = np.ones((envmap_rows, 2 * envmap_rows, 3), np.float32)
         self.scene = mi.load_dict({
             'type': 'scene',
-            'integrator': ({'type': 'prb', 'max_depth': 2} if integrator == 'prb'
-                           else {'type': 'direct_projective', 'sppi': 0}),
+            'integrator': INTEGRATORS[integrator],
             'sensor': {'type': 'perspective', 'fov_axis': 'x', 'fov': 45.0,
                        'to_world': mi.ScalarTransform4f().look_at(origin=[0, 0, 0], target=[0, 0, 1], up=[0, -1, 0]),
                        'near_clip': 1.0, 'far_clip': 1e5,
+                       # sample_border: the box filter has no border, so it changes nothing, but without
+                       # it prb_projective warns that shapes could leave the image (the crop keeps the face in)
                        'film': {'type': 'hdrfilm', 'width': width, 'height': height, 'rfilter': {'type': 'box'},
-                                'pixel_format': 'rgba', 'crop_offset_x': self.crop[0], 'crop_offset_y': self.crop[1],
+                                'sample_border': True, 'pixel_format': 'rgba',
+                                'crop_offset_x': self.crop[0], 'crop_offset_y': self.crop[1],
                                 'crop_width': self.crop[2] - self.crop[0], 'crop_height': self.crop[3] - self.crop[1]}},
             'face': mesh,
             'light': {'type': 'envmap', 'bitmap': mi.Bitmap(envmap),

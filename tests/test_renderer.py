@@ -164,3 +164,20 @@ def test_light_turned_about_the_vertical_axis():
     assert torch.allclose(turned(from_the_right, 180), lobe([-1.0, 0.0, 0.0]), atol=1e-5)
     assert torch.allclose(turned(from_the_right, 90), lobe([0.0, 0.0, -1.0]), atol=1e-5)  # to the camera's side
     assert torch.equal(turned(from_the_right, 360), from_the_right)
+
+
+
+@pytest.mark.parametrize('integrator', sorted(renderer.INTEGRATORS))
+def test_every_integrator_renders_the_face_and_its_coverage(small_bfm, render_device, setup, integrator):
+    """Every integrator offered renders the image 'prb' does, and an alpha channel that is the
+    face's coverage, which the fit's masks are made of (Mitsuba's 'direct_projective' renders the
+    same colours but alpha 1 wherever a ray meets the light, the background too)."""
+    model = setup[0]
+    face = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device,
+                                 integrator)
+    image = render((model, face, *setup[2:]), spp=64, seed=4)
+    reference = render(setup, spp=64, seed=5)  # 'prb'
+    coverage = reference[..., 3] > 0.99
+    assert 0.2 < float(coverage.float().mean()) < 0.8
+    assert float((image[..., 3] - reference[..., 3]).abs().mean()) < 0.01  # the edge pixels' fractions are noisy
+    assert abs(float(image[..., :3][coverage].mean() / reference[..., :3][coverage].mean()) - 1) < 0.01
