@@ -163,6 +163,7 @@ def texture_resolution_run(config, size: int, folder: str) -> dict:
     at ``config.textureResolution`` -> seconds of stages 2 and 3 and of writing the outputs, peak MB."""
     import fitting
     import optimizer
+    own_memory = OwnMemoryPeak()
     model, _, image, scene, targets, _ = synthetic_problem(config, size)
     params, _ = fitting.fit_landmarks(model, targets, config, False)
     (params, targets), start = timed(lambda: fitting.start_stage2(scene, params, targets))
@@ -172,17 +173,17 @@ def texture_resolution_run(config, size: int, folder: str) -> dict:
     output = os.path.join(folder, f'outputs-{config.textureResolution}')
     _, writing = timed(lambda: optimizer.write_results(output, scene, params, [image], targets))
     return dict(stage2=start + stage2, stage3=stage3, writing=writing,
-                peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, own=own_memory.stop())
 
 
 def compare_texture_resolutions(config, args, folder: str) -> None:
-    """Stage 2, stage 3, output writing and peak memory at 512, 1024 and 2048 texels."""
-    print(f'{"texels":>7} {"stage 2 s":>10} {"stage 3 s":>10} {"outputs s":>10} {"peak MB":>8}')
+    """Stage 2, stage 3, output writing and peak memory (resident and own) at 512, 1024 and 2048 texels."""
+    print(f'{"texels":>7} {"stage 2 s":>10} {"stage 3 s":>10} {"outputs s":>10} {"peak MB":>8} {"own MB":>7}')
     for resolution in (512, 1024, 2048):
         with multiprocessing.get_context('spawn').Pool(1) as pool:
             row = pool.apply(texture_resolution_run, (config.replace(textureResolution=resolution), args.size, folder))
-        print(f'{resolution:>7} {row["stage2"]:>10.1f} {row["stage3"]:>10.1f} {row["writing"]:>10.1f} {row["peak"]:>8.0f}',
-              flush=True)
+        print(f'{resolution:>7} {row["stage2"]:>10.1f} {row["stage3"]:>10.1f} {row["writing"]:>10.1f} {row["peak"]:>8.0f}'
+              f' {row["own"]:>7.0f}', flush=True)
 
 
 def video_run(clip_path: str, model_path: str) -> dict:
@@ -191,6 +192,7 @@ def video_run(clip_path: str, model_path: str) -> dict:
     import landmarks
     import tracking
     import video
+    own_memory = OwnMemoryPeak()
     model = modelFiles.load_ict(model_path)
     clip = video.Clip(clip_path)
     tracks, detect = timed(lambda: tracking.detect(clip, landmarks.MediapipeDetector()))
@@ -209,7 +211,7 @@ def video_run(clip_path: str, model_path: str) -> dict:
             refiner.refine(track, frame.pixels)
     _, refine = timed(refine_first_frames)
     return dict(frames=len(tracks), detect=detect, track=track, refine=refine / 50,
-                peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, own=own_memory.stop())
 
 
 def compare_clip_lengths(folder: str, model_path: str, lengths: tuple) -> None:
@@ -217,7 +219,7 @@ def compare_clip_lengths(folder: str, model_path: str, lengths: tuple) -> None:
     same peak however long the clip)."""
     photo = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'photos', 'obama.jpg')
     print(f'{"frames":>7} {"finding fps":>12} {"landmark fit fps":>17} {"both fps":>9} '
-          f'{"with photometric steps fps":>27} {"peak MB":>8}')
+          f'{"with photometric steps fps":>27} {"peak MB":>8} {"own MB":>7}')
     for frames in lengths:
         path = os.path.join(folder, f'clip{frames}.mp4')
         synthetic.write_clip(path, frames, photo, cut=frames, blank=range(0))
@@ -225,7 +227,8 @@ def compare_clip_lengths(folder: str, model_path: str, lengths: tuple) -> None:
             row = pool.apply(video_run, (path, model_path))
         per_frame = (row['detect'] + row['track']) / row['frames']
         print(f'{row["frames"]:>7} {row["frames"] / row["detect"]:>12.1f} {row["frames"] / row["track"]:>17.1f} '
-              f'{1 / per_frame:>9.1f} {1 / (per_frame + row["refine"]):>27.1f} {row["peak"]:>8.0f}', flush=True)
+              f'{1 / per_frame:>9.1f} {1 / (per_frame + row["refine"]):>27.1f} {row["peak"]:>8.0f} {row["own"]:>7.0f}',
+              flush=True)
 
 
 def cluster_photos(folder: str, count: int) -> str:
