@@ -218,13 +218,16 @@ class LandmarkProblem:
         canonical = self.model.landmark_points(vertices)
         return project(to_camera(canonical, p['rotation'], p['translation']), focal, self.centres)
 
+    def focal(self, p: dict, fixed_focal: torch.Tensor) -> torch.Tensor:
+        """The focal lengths [n] of the unpacked parameters ``p``: fitted, or ``fixed_focal``."""
+        return p['log_focal'].exp() if self.optimize_focal else fixed_focal
+
     def residuals(self, x: torch.Tensor, fixed_focal: torch.Tensor, anchor: torch.Tensor = None,
                   anchor_weights: torch.Tensor = None) -> torch.Tensor:
         """The residuals [r] of the packed parameters ``x``; with ``anchor`` [p] (the previous
         frame's), √w (x − anchor) too, ``anchor_weights`` w [p]: a temporal prior against jitter."""
         p = self.unpack(x)
-        focal = p['log_focal'].exp() if self.optimize_focal else fixed_focal
-        error = (self.landmark_pixels(p, focal) - self.targets) * self.residual_scale[..., None]
+        error = (self.landmark_pixels(p, self.focal(p, fixed_focal)) - self.targets) * self.residual_scale[..., None]
         terms = [error.reshape(-1), self.identity_weight * p['identity'].reshape(-1),
                  self.expression_weight * p['expression'].reshape(-1)]
         if self.optimize_focal:
@@ -279,7 +282,7 @@ def fit_landmarks(model: MorphableModel, targets: Targets, config: Config, share
     params = SceneParameters.zeros(model, n, 1 if shared_identity else n, config.bands)
     params.identity, params.expression, params.rotation, params.translation = (
         p[k].float() for k in ('identity', 'expression', 'rotation', 'translation'))
-    params.focal = (p['log_focal'].exp() if config.optimizeFocalLength else focal).float()
+    params.focal = problem.focal(p, focal).float()
     params.stage = 1
     return params, history + steps
 
