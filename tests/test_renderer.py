@@ -1,4 +1,5 @@
 """The Mitsuba renderer: camera convention, gradients against finite differences, SH basis."""
+import dataclasses
 import math
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import scipy.ndimage
 import torch
 
+import config
 import modelFiles
 import pipeline
 import renderer
@@ -165,6 +167,10 @@ def test_light_turned_about_the_vertical_axis():
     assert torch.allclose(turned(from_the_right, 90), lobe([0.0, 0.0, -1.0]), atol=1e-5)  # to the camera's side
     assert torch.equal(turned(from_the_right, 360), from_the_right)
 
+
+def test_the_config_offers_the_renderers_integrators():
+    choices = {f.name: f.metadata.get('choices') for f in dataclasses.fields(config.Config)}['integrator']
+    assert set(choices) == set(renderer.INTEGRATORS)
 
 
 @pytest.mark.parametrize('integrator', sorted(renderer.INTEGRATORS))
