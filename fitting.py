@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import landmarks as landmarks_module
+import textures
 from config import Config
 from morphableModel import MorphableModel
 from photos import FitImage
@@ -814,8 +815,71 @@ STAGE3_RATES = dict(diffuse=0.005, specular=0.005, roughness=0.005, light=0.005)
 WITHOUT_ALBEDO_MODEL = dict(diffuse_consistency_scale=0.01, specular_rate_scale=0.1)
 
 
+# Without an albedo model, stage 3 starts its diffuse map from the photos (``delit_diffuse``):
+# Adam moves a texel at most STAGE3_RATES['diffuse'] a step, about 0.4 over stage 3's 100 steps,
+# so from stage 2's one skin colour dark brows, a beard or a nostril's rim stopped half way, and
+# dark red (skin's red channel has the furthest to go). With an albedo model the consistency
+# prior holds the map near the statistical albedo; there the same start lowered benchmark.py's
+# photometric error after stage 3 (from one stage-2 result: 0.054 -> 0.043; with --detail
+# 0.049 -> 0.040) by painting the fitted geometry's shading errors into the map (its error
+# against the true map 0.044 -> 0.084; 0.065 -> 0.088): not used there.
+# DELIT_SPP: samples of the shading renders. DELIT_PRIOR: the stage-2 map's weight in each
+# texel's least squares, relative to the face's typical shading² (the median over its pixels):
+# where the photos see a texel little or only in shadow, a small error of the fitted light there
+# would make a large one of the map, which stays nearer the stage-2 map instead.
+DELIT_SPP, DELIT_PRIOR = 64, 0.05
+
+
+def delit_diffuse(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> torch.Tensor:
+    """The diffuse map of each identity row whose render best matches its photos under the
+    fitted geometry, light and specular map -> [identities, res, res, 3] (linear, in [0, 1]).
+    Per texel and colour, least squares over the images that see it: photo = D·E + S, with E the
+    render of a white diffuse surface and S that of the specular map alone at the texel's pixel,
+    weighted (w) as the photo map weighs its pixels (visible, facing the camera, not left out),
+    with the stage-2 map D₂ as a prior of weight λ = DELIT_PRIOR · median(E²) over the face:
+    D = (Σ w·E·(photo − S) + λ·D₂) / (Σ w·E² + λ)."""
+    maps = [pipeline.maps(params, k) for k in range(params.identity.shape[0])]
+    sums = [[] for _ in maps]  # per identity, per image: (w·E·(photo − S), w·E², E² over the face's pixels)
+    with torch.no_grad():
+        vertices = pipeline.vertices(params)
+        for row, photo in enumerate(targets.photos):
+            diffuse, specular, roughness = maps[params.identity_row(row)]
+            envmap, focal = pipeline.envmap(params.sh[row:row + 1])[0], float(params.focal[row])
+            render = lambda diffuse, specular, seed: pipeline.render_maps(
+                row, vertices[row], focal, diffuse, specular, roughness, envmap, DELIT_SPP, seed).cpu()
+            white, glossy = render(torch.ones_like(diffuse), torch.zeros_like(specular), 1), \
+                render(torch.zeros_like(diffuse), specular, 2)[..., :3]
+            # a texel's bilinear lookup must not reach the background or a left-out pixel
+            usable = scipy.ndimage.binary_erosion(((white[..., 3] > 0.99) & (targets.pixel_weights(row).cpu() > 0)).numpy())
+            (shading, target), weights = texel_samples(pipeline, params, row, vertices[row], usable,
+                                                       [white[..., :3], photo.cpu() - glossy])
+            sums[params.identity_row(row)].append((weights * shading * target, weights * shading ** 2,
+                                                   white[..., :3][torch.from_numpy(usable)] ** 2))
+    delit = []
+    for (stage2, _, _), images in zip(maps, sums):
+        numerator, denominator = sum(image[0] for image in images), sum(image[1] for image in images)
+        prior = DELIT_PRIOR * torch.cat([image[2] for image in images]).median(0).values  # [3]
+        delit.append(((numerator + prior * stage2.detach().cpu()) / (denominator + prior)).clamp(0, 1))
+    return torch.stack(delit).to(pipeline.device)
+
+
+def texel_samples(pipeline: Pipeline, params: SceneParameters, row: int, vertices: torch.Tensor, usable: np.ndarray,
+                  images: list) -> tuple:
+    """Images [h, w, 3] of image row ``row`` looked up (bilinear) at the pixel of each texel of
+    the fitted maps -> ([res, res, 3] per image, weights [res, res, 1]: ``textures.photo_weights``
+    of the texels seen from the camera whose pixel is ``usable`` [h, w] bool)."""
+    resolution = pipeline.resolution
+    view = pipeline.texel_view(params, row, vertices, resolution)
+    pixels = view['pixels'].numpy()
+    samples = [torch.from_numpy(textures.sample_image(image.numpy(), pixels.reshape(-1, 2))).reshape(resolution, resolution, 3)
+               for image in images]
+    weights = textures.photo_weights(view['facing'].numpy(), view['visible'].numpy(), textures.at_pixels(usable, pixels),
+                                     pipeline.texels(resolution)[1])
+    return samples, torch.from_numpy(weights)[..., None]
+
+
 def texture_regularizer(texture: torch.Tensor, reference: torch.Tensor, weights: tuple) -> torch.Tensor:
-    """Symmetry (mirror in u), consistency (to the stage-2 map) and smoothness of a map [res, res, c]."""
+    """Symmetry (mirror in u), consistency (to stage 3's start) and smoothness of a map [res, res, c]."""
     # mse_loss keeps no squared differences for its backward pass: at 2048² texels each would be
     # 50 MB, and these terms would hold about a gigabyte.
     symmetry, consistency, smoothness = weights
@@ -844,7 +908,8 @@ def stage3_rates_and_weights(config: Config, has_albedo_model: bool) -> tuple:
 
 def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_step=None) -> tuple:
     """Stage 3: per-texel diffuse, specular and roughness maps (and the light), starting from the
-    statistical albedo, with symmetry, consistency and smoothness regularizers, fitted to the
+    statistical albedo (without an albedo model, the diffuse map from the photos:
+    ``delit_diffuse``), with symmetry, consistency (to that start) and smoothness regularizers, fitted to the
     pixels that ``targets`` does not leave out (``leave_out_unexplained``); the geometry stays as
     stage 2 left it -> (SceneParameters, history). ``on_step`` as for ``fit_stage2``."""
     config = pipeline.config
@@ -852,14 +917,16 @@ def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
     pixel_weights = [targets.pixel_weights(row) for row in range(params.n_images)]
     identities = params.identity.shape[0]
     start = [pipeline.maps(params, k) for k in range(identities)]
+    if not pipeline.model.has_albedo_model:  # see DELIT_SPP
+        start = [(diffuse, *rest) for diffuse, (_, *rest) in zip(delit_diffuse(pipeline, params, targets), start)]
     params.diffuse_map, params.specular_map, params.roughness_map = (
         torch.stack([maps[j] for maps in start]).detach().clone() for j in range(3))
-    textures = dict(diffuse=params.diffuse_map, specular=params.specular_map, roughness=params.roughness_map)
-    references = {name: texture.detach().clone() for name, texture in textures.items()}
-    for tensor in (*textures.values(), params.sh):
+    fitted = dict(diffuse=params.diffuse_map, specular=params.specular_map, roughness=params.roughness_map)
+    references = {name: texture.detach().clone() for name, texture in fitted.items()}
+    for tensor in (*fitted.values(), params.sh):
         tensor.requires_grad_(True)
     rates, weights = stage3_rates_and_weights(config, pipeline.model.has_albedo_model)
-    groups = [dict(params=[texture], lr=rates[name]) for name, texture in textures.items()]
+    groups = [dict(params=[texture], lr=rates[name]) for name, texture in fitted.items()]
     groups.append(dict(params=[params.sh], lr=rates['light']))
     with torch.no_grad():
         vertices = pipeline.vertices(params)  # fixed in stage 3: weightLandmarksLossStep3 has nothing to move
@@ -871,7 +938,7 @@ def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
                     for row, target in enumerate(targets.photos)) / len(targets.photos)
         regularizers = {f'{name}_regularizer': sum(texture_regularizer(texture[k], references[name][k], weights[name])
                                                    for k in range(identities))
-                        for name, texture in textures.items()}
+                        for name, texture in fitted.items()}
         return dict(photo=photo, **regularizers)
 
     history = adam_loop('stage 3', groups, loss_terms, config.iterStep3, config,

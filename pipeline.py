@@ -418,20 +418,20 @@ class Pipeline:
                 renders.append(self.render(params, row, spp, k, (vertices - centre) @ turn.T + centre))
         return renders
 
-    def texel_view(self, params: SceneParameters, row: int, vertices: torch.Tensor) -> dict:
-        """How the camera of image row ``row`` sees each texel (at textureResolution) of the
-        surface with ``vertices`` [verts, 3]: its pixel [res, res, 2] in the fitted image, the
-        cosine between its normal and the direction to the camera [res, res], and whether a ray
-        from the camera reaches it first (ray traced) [res, res]; texels outside the UV map are
-        not visible."""
-        resolution = self.config.textureResolution
+    def texel_view(self, params: SceneParameters, row: int, vertices: torch.Tensor, resolution: int = None) -> dict:
+        """How the camera of image row ``row`` sees each texel (at ``resolution``, by default
+        textureResolution) of the surface with ``vertices`` [verts, 3]: its pixel [res, res, 2]
+        in the fitted image, the cosine between its normal and the direction to the camera
+        [res, res], and whether a ray from the camera reaches it first (ray traced) [res, res];
+        texels outside the UV map are not visible."""
+        resolution = resolution or self.config.textureResolution
         with torch.no_grad():
             points = self.vertex_texture(vertices, resolution)  # [res, res, 3]
             normals = torch.nn.functional.normalize(
                 self.vertex_texture(utils.vertex_normals(vertices[None], self.model.faces)[0], resolution), dim=-1)
             to_camera = -torch.nn.functional.normalize(points, dim=-1)
             pixels = project(points.reshape(1, -1, 3), params.focal[row:row + 1], self.centres[row:row + 1])[0]
-            inside = torch.from_numpy(self.export_mask)
+            inside = torch.from_numpy(self.texels(resolution)[1])
             visible = torch.zeros_like(inside)
             focal = float(params.focal[row])
             visible[inside] = self.renderer(row, vertices, focal).visible_from_camera(vertices, points[inside])
