@@ -168,7 +168,7 @@ def texture_resolution_run(config, size: int, folder: str) -> dict:
     params, _ = fitting.fit_landmarks(model, targets, config, False)
     (params, targets), start = timed(lambda: fitting.start_stage2(scene, params, targets))
     (params, _), stage2 = timed(lambda: fitting.fit_stage2(scene, params, targets))
-    targets = fitting.leave_out_unexplained(scene, params, targets)
+    targets = fitting.stage3_targets(scene, params, targets)
     (params, _), stage3 = timed(lambda: fitting.fit_stage3(scene, params, targets))
     output = os.path.join(folder, f'outputs-{config.textureResolution}')
     _, writing = timed(lambda: optimizer.write_results(output, scene, params, [image], targets))
@@ -352,7 +352,7 @@ def run(args, folder: str) -> None:
     (params, history), seconds = timed(lambda: fitting.fit_stage2(scene, params, targets))
     rows.append(stage_row('stage 2', history, seconds))
     after_stage2 = params
-    targets = fitting.leave_out_unexplained(scene, params, targets)
+    targets = fitting.stage3_targets(scene, params, targets)
     (params, history), seconds = timed(lambda: fitting.fit_stage3(scene, params, targets))
     rows.append(stage_row('stage 3', history, seconds))
     if profile:

@@ -694,6 +694,34 @@ def leave_out_unexplained(pipeline: Pipeline, params: SceneParameters, targets: 
     return replace(targets, left_out=left_out)
 
 
+def stage3_targets(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> Targets:
+    """What stage 3 and the photo map fit after stage 2: ``targets`` with what the face of
+    ``params`` does not explain left out (``leave_out_unexplained``), except, with a shared
+    identity, what every photo leaves out alike (``keep_what_every_photo_shows``)."""
+    return keep_what_every_photo_shows(pipeline, params, leave_out_unexplained(pipeline, params, targets))
+
+
+def keep_what_every_photo_shows(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> Targets:
+    """With a shared identity, the left-out pixels of the texels that two or more photos see and
+    every one of them leaves out go back in: the same part of the face unexplained in every photo
+    is the face's own (a beard, which the statistical albedo cannot express), while something in
+    front of the face (a microphone) hides other texels in each photo, and the photos that see
+    them explained paint them."""
+    if targets.left_out is None or not params.shared_identity or params.n_images < 2:
+        return targets
+    with torch.no_grad():
+        vertices = pipeline.vertices(params)
+        views = [pipeline.texel_view(params, row, vertices[row], pipeline.resolution) for row in range(params.n_images)]
+    seen = [view['visible'] & (view['facing'] > textures.PHOTO_GRAZING) for view in views]  # [res, res] per photo
+    unexplained = [torch.from_numpy(textures.at_pixels(left_out.cpu().numpy(), view['pixels'].numpy())) & visible
+                   for left_out, view, visible in zip(targets.left_out, views, seen)]
+    times_seen, times_left_out = sum(s.int() for s in seen), sum(u.int() for u in unexplained)
+    own = (times_seen >= 2) & (times_left_out == times_seen)
+    back = [torch.from_numpy(textures.pixels_of((own & visible).numpy(), view['pixels'].numpy(), tuple(mask.shape)))
+            for mask, view, visible in zip(targets.left_out, views, seen)]
+    return replace(targets, left_out=[mask.cpu() & ~pixels for mask, pixels in zip(targets.left_out, back)])
+
+
 def start_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> tuple:
     """Stage 2's start from stage 1: light and albedo by least squares (``solve_appearance``),
     and the pixels that face cannot explain left out -> (SceneParameters, Targets)."""

@@ -333,10 +333,10 @@ def fit_group(model: MorphableModel, images: list[FitImage], config: Config, sha
         params, targets = fitting.start_stage2(pipeline, params, targets)
         params, _ = fitting.fit_stage2(pipeline, params, targets, step_watchers(output, pipeline, images, 2, observer))
         # and what the fitted face cannot explain, out of stage 3 and of the photo map too
-        targets = fitting.leave_out_unexplained(pipeline, params, targets)
+        targets = fitting.stage3_targets(pipeline, params, targets)
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)
     elif params.stage >= 2:  # resumed after stage 2: the same for its face
-        targets = fitting.leave_out_unexplained(pipeline, params, targets)
+        targets = fitting.stage3_targets(pipeline, params, targets)
     if params.stage < 3 and config.iterStep3 > 0:
         params, _ = fitting.fit_stage3(pipeline, params, targets, step_watchers(output, pipeline, images, 3, observer))
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)

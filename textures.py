@@ -89,6 +89,16 @@ def at_pixels(mask: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     return found
 
 
+def pixels_of(texels: np.ndarray, pixels: np.ndarray, shape: tuple) -> np.ndarray:
+    """The pixels that the marked ``texels`` [res, res] bool fall in, given each texel's pixel
+    ``pixels`` [res, res, 2] (x, y) -> [h, w] bool of ``shape`` (h, w): ``at_pixels``' inverse."""
+    index = np.floor(pixels[texels]).astype(np.int64)
+    index = index[(index >= 0).all(1) & (index[:, 0] < shape[1]) & (index[:, 1] < shape[0])]
+    found = np.zeros(shape, bool)
+    found[index[:, 1], index[:, 0]] = True
+    return found
+
+
 def photo_weights(facing: np.ndarray, visible: np.ndarray, in_photo: np.ndarray, inside: np.ndarray) -> np.ndarray:
     """How much each texel [res, res] takes from the photo, in [0, 1]: visible from the camera
     (ray traced), inside the photo, inside the UV map, and facing the camera, with a border

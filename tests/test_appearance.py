@@ -11,6 +11,7 @@ import fitting
 import modelFiles
 import pipeline
 import synthetic
+import textures
 
 SIZE = 96
 
@@ -270,6 +271,36 @@ def test_the_delit_map_of_the_true_fit_is_the_true_map(small_bfm, render_device)
     assert (below & inner_hair).sum() > 50
     assert float((from_one - true_map)[below & inner_hair].abs().mean()) < 0.03
     assert torch.allclose(from_none[below], stage2_map[below], atol=1e-4)
+
+
+def test_what_every_photo_leaves_out_alike_goes_back_in(small_bfm, render_device):
+    """A shared identity: a beard left out of both photos (the same texels unexplained in each)
+    goes back in for stage 3, while a microphone left out of one photo stays out (the other photo
+    sees its texels explained); with an identity per photo nothing changes."""
+    model, cfg, _ = known_face(small_bfm, render_device)
+    truth = pipeline.SceneParameters.zeros(model, 2, 1, bands=3)
+    truth.rotation, truth.translation = torch.tensor([[0.05, 0.3, 0.0], [0.0, -0.3, 0.0]]), torch.tensor([[0.0, 0.0, 700.0]] * 2)
+    truth.focal = torch.tensor([3.0 * SIZE] * 2)
+    scene = pipeline.Pipeline(model, cfg, [(SIZE, SIZE)] * 2)
+    points = model.landmark_points(model.mean_shape[None])[0]
+    beard = scene.vertex_texture((torch.cdist(model.mean_shape, points[[6, 8, 10, 57]]) < 12.0).any(1)[:, None].float())[..., 0] > 0.5
+    views = [scene.texel_view(truth, row, scene.vertices(truth)[row], scene.resolution) for row in range(2)]
+    beard_pixels = [torch.from_numpy(scipy.ndimage.binary_dilation(
+        textures.pixels_of((beard & view['visible']).numpy(), view['pixels'].numpy(), (SIZE, SIZE)))) for view in views]
+    nose = scene.landmarks(truth, scene.vertices(truth))[0, 30]
+    yy, xx = np.mgrid[:SIZE, :SIZE] + 0.5
+    microphone = torch.from_numpy((xx - float(nose[0])) ** 2 + (yy - float(nose[1])) ** 2 < 6.0 ** 2)
+    targets = fitting.Targets(landmarks=None, landmark_weights=None, sizes=scene.sizes, centres=scene.centres,
+                              photos=[torch.zeros(SIZE, SIZE, 3)] * 2,
+                              left_out=[beard_pixels[0] | microphone, beard_pixels[1]])
+    kept = fitting.keep_what_every_photo_shows(scene, truth, targets).left_out
+    inner = [torch.from_numpy(scipy.ndimage.binary_erosion(pixels.numpy(), iterations=2)) & ~microphone for pixels in beard_pixels]
+    back = [float((~mask[pixels]).float().mean()) for mask, pixels in zip(kept, inner)]
+    print(f'beard back in: {back}; microphone still out: {float(kept[0][microphone].float().mean()):.3f}')
+    assert min(back) > 0.95 and float(kept[0][microphone].float().mean()) > 0.95
+    one_each = truth.detached()
+    one_each.identity = one_each.identity.expand(2, -1).clone()
+    assert fitting.keep_what_every_photo_shows(scene, one_each, targets) is targets
 
 
 def test_without_an_albedo_model_stage3_paints_dark_hair_its_colour(small_bfm, render_device):
