@@ -446,6 +446,11 @@ def face_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: flo
     return mask, rows * res + cols
 
 
+def kept_pixels(mask: torch.Tensor, texels: torch.Tensor, kept: torch.Tensor) -> tuple:
+    """``face_pixels``' (mask [h, w], texels [k]) cut down to the pixels that ``kept`` [h, w] marks."""
+    return mask & kept, texels[kept[mask]]
+
+
 def light_basis_images(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: float, maps: tuple,
                        mask: torch.Tensor) -> torch.Tensor:
     """The face pixels ``mask`` [h, w] under each of the first SOLVED_BANDS² SH basis lights
@@ -604,12 +609,13 @@ def white_balance(model: MorphableModel, coefficients: torch.Tensor, shadings: l
 def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> SceneParameters:
     """The SH light of every image (bands 0-2) and the statistical albedo of every identity for
     the geometry of ``params``, by alternating, robustly weighted least squares over the face
-    pixels -> SceneParameters."""
+    pixels that ``targets`` does not leave out -> SceneParameters."""
     params = params.detached()
     with torch.no_grad():
         vertices = pipeline.vertices(params)
         focal = [float(f) for f in params.focal]
-        covered = [face_pixels(pipeline, row, vertices[row], focal[row]) for row in range(params.n_images)]
+        covered = [kept_pixels(*face_pixels(pipeline, row, vertices[row], focal[row]), targets.pixel_weights(row).cpu() > 0)
+                   for row in range(params.n_images)]
         if min(int(mask.sum()) for mask, _ in covered) < MIN_SOLVE_PIXELS:  # too few to solve for: a uniform light
             params.sh = pipeline.initial_light(params, targets.photos)
             return params
@@ -724,9 +730,15 @@ def keep_what_every_photo_shows(pipeline: Pipeline, params: SceneParameters, tar
 
 def start_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> tuple:
     """Stage 2's start from stage 1: light and albedo by least squares (``solve_appearance``),
-    and the pixels that face cannot explain left out -> (SceneParameters, Targets)."""
-    params = solve_appearance(pipeline, params, targets)
-    return params, leave_out_unexplained(pipeline, params, targets)
+    the pixels that face cannot explain left out, and where any were, light and albedo solved
+    again without them -> (SceneParameters, Targets). A dark beard over a third of the face
+    had tilted the first light (its robust weights cannot leave out that much), and Adam keeps
+    the light it starts from."""
+    solved = solve_appearance(pipeline, params, targets)
+    targets = leave_out_unexplained(pipeline, solved, targets)
+    if targets.left_out is not None and any(bool(mask.any()) for mask in targets.left_out):
+        solved = solve_appearance(pipeline, params, targets)
+    return solved, targets
 
 
 def left_out_share(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> list:
@@ -855,7 +867,11 @@ WITHOUT_ALBEDO_MODEL = dict(diffuse_consistency_scale=0.01, specular_rate_scale=
 # texel's least squares, relative to the face's typical shading² (the median over its pixels):
 # where the photos see a texel little or only in shadow, a small error of the fitted light there
 # would make a large one of the map, which stays nearer the stage-2 map instead.
-DELIT_SPP, DELIT_PRIOR = 64, 0.05
+# DELIT_MAX_GAIN: no texel comes out brighter than this times the stage-2 map (per colour):
+# brighter still were, on ../shared/photos, a white collar or background where the fitted face
+# overhangs the real one and light the SH model cannot express, not skin (on 32bit.png 95% of
+# the texels are under 1.7 / 2.0 / 2.4 times the skin colour in red / green / blue).
+DELIT_SPP, DELIT_PRIOR, DELIT_MAX_GAIN = 64, 0.05, 2.0
 
 
 def delit_diffuse(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> torch.Tensor:
@@ -865,7 +881,7 @@ def delit_diffuse(pipeline: Pipeline, params: SceneParameters, targets: Targets)
     render of a white diffuse surface and S that of the specular map alone at the texel's pixel,
     weighted (w) as the photo map weighs its pixels (visible, facing the camera, not left out),
     with the stage-2 map D₂ as a prior of weight λ = DELIT_PRIOR · median(E²) over the face:
-    D = (Σ w·E·(photo − S) + λ·D₂) / (Σ w·E² + λ)."""
+    D = (Σ w·E·(photo − S) + λ·D₂) / (Σ w·E² + λ), at most DELIT_MAX_GAIN · D₂."""
     maps = [pipeline.maps(params, k) for k in range(params.identity.shape[0])]
     sums = [[] for _ in maps]  # per identity, per image: (w·E·(photo − S), w·E², E² over the face's pixels)
     with torch.no_grad():
@@ -887,7 +903,8 @@ def delit_diffuse(pipeline: Pipeline, params: SceneParameters, targets: Targets)
     for (stage2, _, _), images in zip(maps, sums):
         numerator, denominator = sum(image[0] for image in images), sum(image[1] for image in images)
         prior = DELIT_PRIOR * torch.cat([image[2] for image in images]).median(0).values  # [3]
-        delit.append(((numerator + prior * stage2.detach().cpu()) / (denominator + prior)).clamp(0, 1))
+        stage2 = stage2.detach().cpu()
+        delit.append(torch.minimum((numerator + prior * stage2) / (denominator + prior), DELIT_MAX_GAIN * stage2).clamp(0, 1))
     return torch.stack(delit).to(pipeline.device)
 
 

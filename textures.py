@@ -1,5 +1,6 @@
-"""UV-space textures for export: the fitted skin carried beyond the fitted area, and the photo
-projected into the model's UV space (``photoMap``).
+"""UV-space textures: the fitted skin carried beyond the fitted area (for export), and the photo
+projected into the model's UV space (``photoMap``; the pixels of the texels, which stage 3's
+start and the shared identity's left-out pixels look up too).
 
 Maps are [res, res, c] with row 0 at v = 1, as everywhere in the project; ``inside`` [res, res]
 marks the texels that the fitted area's UV triangles cover.
