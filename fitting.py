@@ -876,7 +876,8 @@ DELIT_SPP, DELIT_PRIOR, DELIT_MAX_GAIN = 64, 0.05, 2.0
 
 def delit_diffuse(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> torch.Tensor:
     """The diffuse map of each identity row whose render best matches its photos under the
-    fitted geometry, light and specular map -> [identities, res, res, 3] (linear, in [0, 1]).
+    fitted geometry, light and specular map -> [identities, res, res, 3] (linear, in [0, 1];
+    ``params`` and ``targets`` on the CPU, where the texels' pixels are looked up).
     Per texel and colour, least squares over the images that see it: photo = D·E + S, with E the
     render of a white diffuse surface and S that of the specular map alone at the texel's pixel,
     weighted (w) as the photo map weighs its pixels (visible, facing the camera, not left out),
@@ -890,22 +891,22 @@ def delit_diffuse(pipeline: Pipeline, params: SceneParameters, targets: Targets)
             diffuse, specular, roughness = maps[params.identity_row(row)]
             envmap, focal = pipeline.envmap(params.sh[row:row + 1])[0], float(params.focal[row])
             render = lambda diffuse, specular, seed: pipeline.render_maps(
-                row, vertices[row], focal, diffuse, specular, roughness, envmap, DELIT_SPP, seed).cpu()
+                row, vertices[row], focal, diffuse, specular, roughness, envmap, DELIT_SPP, seed)
             white, glossy = render(torch.ones_like(diffuse), torch.zeros_like(specular), 1), \
                 render(torch.zeros_like(diffuse), specular, 2)[..., :3]
             # a texel's bilinear lookup must not reach the background or a left-out pixel
-            usable = scipy.ndimage.binary_erosion(((white[..., 3] > 0.99) & (targets.pixel_weights(row).cpu() > 0)).numpy())
+            usable = scipy.ndimage.binary_erosion(((white[..., 3] > 0.99) & (targets.pixel_weights(row) > 0)).numpy())
             (shading, target), weights = texel_samples(pipeline, params, row, vertices[row], usable,
-                                                       [white[..., :3], photo.cpu() - glossy])
+                                                       [white[..., :3], photo - glossy])
             sums[params.identity_row(row)].append((weights * shading * target, weights * shading ** 2,
                                                    white[..., :3][torch.from_numpy(usable)] ** 2))
     delit = []
     for (stage2, _, _), images in zip(maps, sums):
         numerator, denominator = sum(image[0] for image in images), sum(image[1] for image in images)
         prior = DELIT_PRIOR * torch.cat([image[2] for image in images]).median(0).values  # [3]
-        stage2 = stage2.detach().cpu()
+        stage2 = stage2.detach()
         delit.append(torch.minimum((numerator + prior * stage2) / (denominator + prior), DELIT_MAX_GAIN * stage2).clamp(0, 1))
-    return torch.stack(delit).to(pipeline.device)
+    return torch.stack(delit)
 
 
 def texel_samples(pipeline: Pipeline, params: SceneParameters, row: int, vertices: torch.Tensor, usable: np.ndarray,
@@ -958,12 +959,14 @@ def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
     pixels that ``targets`` does not leave out (``leave_out_unexplained``); the geometry stays as
     stage 2 left it -> (SceneParameters, history). ``on_step`` as for ``fit_stage2``."""
     config = pipeline.config
+    delit = None if pipeline.model.has_albedo_model else delit_diffuse(pipeline, params.detached().to('cpu'),
+                                                                         targets.to('cpu'))  # see DELIT_SPP
     params, targets = params.detached().to(pipeline.device), targets.to(pipeline.device)
     pixel_weights = [targets.pixel_weights(row) for row in range(params.n_images)]
     identities = params.identity.shape[0]
     start = [pipeline.maps(params, k) for k in range(identities)]
-    if not pipeline.model.has_albedo_model:  # see DELIT_SPP
-        start = [(diffuse, *rest) for diffuse, (_, *rest) in zip(delit_diffuse(pipeline, params, targets), start)]
+    if delit is not None:
+        start = [(diffuse.to(pipeline.device), *rest) for diffuse, (_, *rest) in zip(delit, start)]
     params.diffuse_map, params.specular_map, params.roughness_map = (
         torch.stack([maps[j] for maps in start]).detach().clone() for j in range(3))
     fitted = dict(diffuse=params.diffuse_map, specular=params.specular_map, roughness=params.roughness_map)
