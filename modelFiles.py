@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 
-import h5py
 import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
@@ -87,6 +86,7 @@ def _read_pca(group, name: str, path: str):
 
 
 def _open_h5(path: str):
+    import h5py  # here, not at the top: it maps about 12 MB of HDF5's libraries, which a fit from the cache never needs
     try:
         return h5py.File(path, 'r')
     except OSError as error:

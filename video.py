@@ -5,11 +5,13 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-import av
 import numpy as np
 from PIL import Image
 
 from photos import IMAGE_EXTENSIONS, InputError
+
+# PyAV (``av``) is imported where a clip is read or written: it maps about 16 MB of FFmpeg's
+# libraries, which a fit of photos never needs.
 
 VIDEO_EXTENSIONS = ('.mp4', '.mov', '.avi', '.mkv', '.webm', '.m4v')
 # A folder of numbered frames is played at this rate unless the config says otherwise.
@@ -49,6 +51,7 @@ class Clip:
                 self.width, self.height = first.size
             return
         self._files = None
+        import av
         try:
             with av.open(path) as container:
                 stream = container.streams.video[0]
@@ -76,6 +79,7 @@ class Clip:
                 yield Frame(index, index / self.fps, pixels)
             return
         index = 0
+        import av
         try:
             with av.open(self.path) as container:
                 for decoded in container.decode(video=0):
@@ -94,6 +98,7 @@ class VideoWriter:
     """An H.264 video written frame by frame (PyAV's FFmpeg), for ``with``."""
 
     def __init__(self, path: str, fps: float, width: int, height: int):
+        import av
         self.container = av.open(path, 'w')  # the container from the name: .mp4, .mkv, .mov, .avi
         self.stream = self.container.add_stream('libx264', rate=Fraction(fps).limit_denominator(1001))
         self.stream.width, self.stream.height = width - width % 2, height - height % 2  # yuv420 wants even sizes
@@ -102,6 +107,7 @@ class VideoWriter:
 
     def write(self, pixels: np.ndarray) -> None:
         """[h, w, 3] uint8 RGB."""
+        import av
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels[:self.stream.height, :self.stream.width]),
                                            format='rgb24')
         for packet in self.stream.encode(frame):
