@@ -79,12 +79,17 @@ def sample_image(image: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     return values[0, :, 0].T.numpy()
 
 
+def pixel_index(pixels: np.ndarray, shape: tuple) -> tuple:
+    """The pixel (column, row) that each of ``pixels`` [..., 2] (x, y; pixel centres at +0.5)
+    falls in -> (index int64 [..., 2], whether it lies in an image of ``shape`` (h, w) [...])."""
+    index = np.floor(pixels).astype(np.int64)
+    return index, (index >= 0).all(-1) & (index[..., 0] < shape[1]) & (index[..., 1] < shape[0])
+
+
 def at_pixels(mask: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     """The value of ``mask`` [h, w] bool at each of ``pixels`` [..., 2] (x, y; pixel centres at
     +0.5) -> bool [...]; False outside the mask."""
-    height, width = mask.shape
-    index = np.floor(pixels).astype(np.int64)
-    inside = (index >= 0).all(-1) & (index[..., 0] < width) & (index[..., 1] < height)
+    index, inside = pixel_index(pixels, mask.shape)
     found = np.zeros(pixels.shape[:-1], bool)
     found[inside] = mask[index[inside][:, 1], index[inside][:, 0]]
     return found
@@ -93,10 +98,9 @@ def at_pixels(mask: np.ndarray, pixels: np.ndarray) -> np.ndarray:
 def pixels_of(texels: np.ndarray, pixels: np.ndarray, shape: tuple) -> np.ndarray:
     """The pixels that the marked ``texels`` [res, res] bool fall in, given each texel's pixel
     ``pixels`` [res, res, 2] (x, y) -> [h, w] bool of ``shape`` (h, w): ``at_pixels``' inverse."""
-    index = np.floor(pixels[texels]).astype(np.int64)
-    index = index[(index >= 0).all(1) & (index[:, 0] < shape[1]) & (index[:, 1] < shape[0])]
+    index, inside = pixel_index(pixels[texels], shape)
     found = np.zeros(shape, bool)
-    found[index[:, 1], index[:, 0]] = True
+    found[index[inside][:, 1], index[inside][:, 0]] = True
     return found
 
 

@@ -227,6 +227,15 @@ def seen_texels(scene, params, row: int) -> torch.Tensor:
     return view['visible'] & (view['facing'] > 0.45)
 
 
+def two_views(model, cfg) -> tuple:
+    """One identity (the mean face) seen turned 0.3 rad to either side, and its Pipeline ->
+    (SceneParameters of 2 images, Pipeline)."""
+    truth = pipeline.SceneParameters.zeros(model, 2, 1, bands=3)
+    truth.rotation, truth.translation = torch.tensor([[0.05, 0.3, 0.0], [0.0, -0.3, 0.0]]), torch.tensor([[0.0, 0.0, 700.0]] * 2)
+    truth.focal = torch.tensor([3.0 * SIZE] * 2)
+    return truth, pipeline.Pipeline(model, cfg, [(SIZE, SIZE)] * 2)
+
+
 def test_the_delit_map_of_the_true_fit_is_the_true_map(small_bfm, render_device):
     """``delit_diffuse`` for the true geometry, light and specular map of two photos of one face
     under different lights: where either photo sees the face, the map that explains them is the
@@ -236,12 +245,9 @@ def test_the_delit_map_of_the_true_fit_is_the_true_map(small_bfm, render_device)
     on the moustache); left out of both, the texels keep the stage-2 map."""
     model, cfg, _ = known_face(small_bfm, render_device)
     model = with_one_skin_colour(model)
-    truth = pipeline.SceneParameters.zeros(model, 2, 1, bands=3)
-    truth.rotation, truth.translation = torch.tensor([[0.05, 0.3, 0.0], [0.0, -0.3, 0.0]]), torch.tensor([[0.0, 0.0, 700.0]] * 2)
-    truth.focal = torch.tensor([3.0 * SIZE] * 2)
+    truth, scene = two_views(model, cfg)
     truth.sh[0, :4] = torch.tensor([2.2, -0.8, 0.7, 0.6])[:, None]
     truth.sh[1, :4] = torch.tensor([1.8, -0.5, -0.4, -0.7])[:, None]
-    scene = pipeline.Pipeline(model, cfg, [(SIZE, SIZE)] * 2)
     hair = with_dark_hair(scene, truth)
     inner_hair = torch.from_numpy(scipy.ndimage.binary_erosion(hair.numpy(), iterations=3))  # a pixel spans ~3 texels
     with torch.no_grad():
@@ -278,10 +284,7 @@ def test_what_every_photo_leaves_out_alike_goes_back_in(small_bfm, render_device
     goes back in for stage 3, while something held in front of the nose in one photo stays out
     (the other photo sees its texels explained); with an identity per photo nothing changes."""
     model, cfg, _ = known_face(small_bfm, render_device)
-    truth = pipeline.SceneParameters.zeros(model, 2, 1, bands=3)
-    truth.rotation, truth.translation = torch.tensor([[0.05, 0.3, 0.0], [0.0, -0.3, 0.0]]), torch.tensor([[0.0, 0.0, 700.0]] * 2)
-    truth.focal = torch.tensor([3.0 * SIZE] * 2)
-    scene = pipeline.Pipeline(model, cfg, [(SIZE, SIZE)] * 2)
+    truth, scene = two_views(model, cfg)
     points = model.landmark_points(model.mean_shape[None])[0]
     beard = scene.vertex_texture((torch.cdist(model.mean_shape, points[[6, 8, 10, 57]]) < 12.0).any(1)[:, None].float())[..., 0] > 0.5
     views = [scene.texel_view(truth, row, scene.vertices(truth)[row], scene.resolution) for row in range(2)]
