@@ -658,12 +658,35 @@ def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targe
 # half that level (hysteresis: the parts of an object nearer the skin's colour, such as a red
 # cup's body), and is grown by OUTLIER_GROW px to take in its blurred edge. When more than
 # OUTLIER_MAX_SHARE of the face would go, the fit itself is off, not the photo: nothing is left out.
+# Within OUTLINE_BAND of the face's height of its outline, a marked pixel counts whatever the size
+# of its region: there the fitted face overhangs the real one (a jaw over a white collar, a cheek
+# over the background, on biden.jpg a strip of 1-2% of the face) and the stage-3 and photo maps
+# had painted collar and background under the chin. A hole's rim (an eye's lashes) is no outline,
+# nor is the image's border. Only brighter pixels count there: dark ones at the outline are as
+# often a brow's end or hair, which stage 3 should paint (32bit.png lost a brow). And only after
+# stage 2: the start's light (bands 0-2) leaves rim-lit skin at the outline brighter than the face
+# (obama_partial_face.jpg's temple).
 OUTLIER_FLOOR, OUTLIER_MIN_AREA, OUTLIER_GROW, OUTLIER_MAX_SHARE = 0.03, 0.02, 2, 0.4
+OUTLINE_BAND = 0.04
 
 
-def unexplained_pixels(rendered: torch.Tensor, photo: torch.Tensor, threshold: float) -> torch.Tensor:
+def outline_band(face: np.ndarray) -> np.ndarray:
+    """The pixels of ``face`` [h, w] bool within OUTLINE_BAND of its height of its outer outline."""
+    rows = np.flatnonzero(face.any(1))
+    width = max(1, round(OUTLINE_BAND * (rows[-1] - rows[0] + 1))) if len(rows) else 1
+    # the image's border is no outline: a face the photo cuts off goes on beyond it
+    return face & ~scipy.ndimage.binary_erosion(scipy.ndimage.binary_fill_holes(face), iterations=width, border_value=1)
+
+
+def hysteresis(seeds: np.ndarray, weak: np.ndarray) -> np.ndarray:
+    """The ``seeds`` [h, w] bool and the connected regions of ``weak`` [h, w] bool they touch."""
+    regions, _ = scipy.ndimage.label(weak)
+    return seeds | (np.isin(regions, np.unique(regions[seeds])) & (regions > 0))
+
+
+def unexplained_pixels(rendered: torch.Tensor, photo: torch.Tensor, threshold: float, outline: bool = True) -> torch.Tensor:
     """The face pixels [h, w] bool that the render [h, w, 4] does not explain in ``photo``
-    [h, w, 3] (see OUTLIER_FLOOR above)."""
+    [h, w, 3] (see OUTLIER_FLOOR above; ``outline``: with the outline band's rule)."""
     alpha = rendered[..., 3].cpu().numpy()
     face = alpha > 0.99
     residual = (rendered[..., :3] - photo).abs().mean(-1).cpu().numpy()
@@ -676,25 +699,30 @@ def unexplained_pixels(rendered: torch.Tensor, photo: torch.Tensor, threshold: f
     large = np.bincount(regions.ravel(), minlength=count + 1) >= OUTLIER_MIN_AREA * face.sum()
     large[0] = False  # the background label
     seeds = large[regions]
-    weaker, _ = scipy.ndimage.label(face & (residual > level / 2))  # hysteresis: what the seeds reach
-    reached = np.isin(weaker, np.unique(weaker[seeds])) & (weaker > 0)
-    outliers = scipy.ndimage.binary_dilation(seeds | reached, iterations=OUTLIER_GROW) & (alpha > 0)
+    weak = face & (residual > level / 2)
+    reached = hysteresis(seeds, weak)
+    overhang = np.zeros_like(face)
+    if outline:
+        brighter = (photo - rendered[..., :3]).mean(-1).cpu().numpy() > 0
+        overhang = hysteresis(candidates & brighter & outline_band(face), weak & brighter)
+    outliers = scipy.ndimage.binary_dilation(seeds | reached | overhang, iterations=OUTLIER_GROW) & (alpha > 0)
     if outliers.sum() > OUTLIER_MAX_SHARE * face.sum():
         return none
     return torch.from_numpy(outliers)
 
 
-def leave_out_unexplained(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> Targets:
+def leave_out_unexplained(pipeline: Pipeline, params: SceneParameters, targets: Targets,
+                          outline: bool = True) -> Targets:
     """``targets`` with the pixels that the face of ``params`` does not explain left out too
-    (``unexplained_pixels``; none with outlierThreshold 0). Pixels already left out stay out: a
-    fit that never saw them may explain them by chance."""
+    (``unexplained_pixels``, with the outline band's rule or not; none with outlierThreshold 0).
+    Pixels already left out stay out: a fit that never saw them may explain them by chance."""
     threshold = pipeline.config.outlierThreshold
     if threshold <= 0:
         return replace(targets, left_out=None)
     with torch.no_grad():
         vertices = pipeline.vertices(params)
-        left_out = [unexplained_pixels(pipeline.render(params, row, SOLVE_SPP, 7, vertices[row]), photo.cpu(), threshold)
-                    for row, photo in enumerate(targets.photos)]
+        left_out = [unexplained_pixels(pipeline.render(params, row, SOLVE_SPP, 7, vertices[row]), photo.cpu(), threshold,
+                                       outline) for row, photo in enumerate(targets.photos)]
     if targets.left_out is not None:
         left_out = [new | old.cpu() for new, old in zip(left_out, targets.left_out)]
     return replace(targets, left_out=left_out)
@@ -735,7 +763,7 @@ def start_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets) 
     had tilted the first light (its robust weights cannot leave out that much), and Adam keeps
     the light it starts from."""
     solved = solve_appearance(pipeline, params, targets)
-    targets = leave_out_unexplained(pipeline, solved, targets)
+    targets = leave_out_unexplained(pipeline, solved, targets, outline=False)  # see OUTLINE_BAND
     if targets.left_out is not None and any(bool(mask.any()) for mask in targets.left_out):
         solved = solve_appearance(pipeline, params, targets)
     return solved, targets

@@ -364,3 +364,34 @@ def textures_at(mask: np.ndarray, view: dict, scene) -> torch.Tensor:
     resolution = scene.resolution
     step = seen.shape[0] // resolution
     return torch.from_numpy(seen[::step, ::step][:resolution, :resolution].copy())
+
+
+def test_where_the_face_overhangs_its_outline_the_background_is_left_out():
+    """The rendered face (an ellipse with an eye-like hole) over a photo in which a white collar
+    fills a strip of 2% of the face along its lower outline, a brow's dark end reaches its upper
+    outline, a dark spot (a mole) lies inside and dark lashes ring the hole: the collar is left
+    out, though smaller than OUTLIER_MIN_AREA (the fitted face overhangs the real one there: the
+    pixels are not skin), while the brow, the spot and the lashes stay in (stage 3 paints them)."""
+    size = 160
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    face = ((xx - 80) / 50) ** 2 + ((yy - 80) / 70) ** 2 < 1
+    hole = ((xx - 60) / 8) ** 2 + ((yy - 60) / 4) ** 2 < 1
+    rendered = torch.zeros(size, size, 4)
+    rendered[..., :3] = torch.tensor([0.45, 0.3, 0.22])
+    rendered[..., 3] = torch.from_numpy(face & ~hole).float()
+    noise = 0.01 * torch.from_numpy(np.random.default_rng(0).standard_normal((size, size, 3))).float()
+    photo = rendered[..., :3] + noise
+    rim = face & ~scipy.ndimage.binary_erosion(face, iterations=3)
+    collar, brow = rim & (yy > 130), (rim | (((xx - 45) / 14) ** 2 + ((yy - 40) / 3) ** 2 < 1)) & face & (yy < 45) & (xx < 60)
+    spot = ((xx - 95) / 7) ** 2 + ((yy - 95) / 7) ** 2 < 1
+    lashes = scipy.ndimage.binary_dilation(hole, iterations=2) & ~hole
+    for region, colour in ((collar, 0.9), (brow, 0.04), (spot, 0.05), (lashes, 0.05)):
+        photo[torch.from_numpy(region)] = colour
+    share = collar.sum() / (face & ~hole).sum()
+    assert 0.005 < share < fitting.OUTLIER_MIN_AREA and max(brow.sum(), spot.sum()) < fitting.OUTLIER_MIN_AREA * face.sum()
+    left_out = fitting.unexplained_pixels(rendered, photo, 4.0).numpy()
+    print(f'collar: {share:.1%} of the face, {left_out[collar].mean():.0%} of it left out; brow {brow.sum()} px, '
+          f'{left_out[brow].mean():.0%}; spot {left_out[spot].mean():.0%}, lashes {left_out[lashes].mean():.0%}; '
+          f'{left_out.sum()} px in all')
+    assert left_out[collar].all()
+    assert not left_out[brow].any() and not left_out[spot].any() and not left_out[lashes].any()
