@@ -431,6 +431,11 @@ class SolvePixels:
     diffuse_albedo: tuple   # (mean [k, 3], basis [k, 3, n_albedo]) of the diffuse albedo at the pixels
     specular_albedo: tuple  # the same for the specular albedo
 
+    def subset(self, keep: torch.Tensor) -> 'SolvePixels':
+        """The pixels that ``keep`` [k] bool marks."""
+        return SolvePixels(self.photo[keep], self.diffuse[keep], self.specular[keep],
+                           tuple(t[keep] for t in self.diffuse_albedo), tuple(t[keep] for t in self.specular_albedo))
+
 
 def face_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: float) -> tuple:
     """The pixels of image row ``row`` the face covers -> (mask [h, w] bool, their texel indices
@@ -444,11 +449,6 @@ def face_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: flo
     cols = (uv[..., 0][mask] * res).long().clamp(0, res - 1)
     rows = ((1 - uv[..., 1][mask]) * res).long().clamp(0, res - 1)
     return mask, rows * res + cols
-
-
-def kept_pixels(mask: torch.Tensor, texels: torch.Tensor, kept: torch.Tensor) -> tuple:
-    """``face_pixels``' (mask [h, w], texels [k]) cut down to the pixels that ``kept`` [h, w] marks."""
-    return mask & kept, texels[kept[mask]]
 
 
 def light_basis_images(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: float, maps: tuple,
@@ -606,21 +606,29 @@ def white_balance(model: MorphableModel, coefficients: torch.Tensor, shadings: l
     return torch.from_numpy(scale), torch.from_numpy(per_channel @ scale - of_mean).float()
 
 
-def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> SceneParameters:
-    """The SH light of every image (bands 0-2) and the statistical albedo of every identity for
-    the geometry of ``params``, by alternating, robustly weighted least squares over the face
-    pixels that ``targets`` does not leave out -> SceneParameters."""
-    params = params.detached()
+def face_solve_pixels(pipeline: Pipeline, params: SceneParameters, photos: list) -> list:
+    """Per image, (the mask [h, w] of its face pixels, their ``SolvePixels``): the renders of
+    ``solve_appearance``, made once for every solve with the geometry of ``params``."""
     with torch.no_grad():
         vertices = pipeline.vertices(params)
         focal = [float(f) for f in params.focal]
-        covered = [kept_pixels(*face_pixels(pipeline, row, vertices[row], focal[row]), targets.pixel_weights(row).cpu() > 0)
-                   for row in range(params.n_images)]
-        if min(int(mask.sum()) for mask, _ in covered) < MIN_SOLVE_PIXELS:  # too few to solve for: a uniform light
+        faces = [face_pixels(pipeline, row, vertices[row], focal[row]) for row in range(params.n_images)]
+        return [(mask, solve_pixels(pipeline, row, vertices[row], focal[row], photo.cpu(), mask, texels))
+                for row, (photo, (mask, texels)) in enumerate(zip(photos, faces))]
+
+
+def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targets, rendered: list = None) -> SceneParameters:
+    """The SH light of every image (bands 0-2) and the statistical albedo of every identity for
+    the geometry of ``params``, by alternating, robustly weighted least squares over the face
+    pixels that ``targets`` does not leave out -> SceneParameters. ``rendered``: that geometry's
+    ``face_solve_pixels``, if made already."""
+    params = params.detached()
+    with torch.no_grad():
+        rendered = rendered or face_solve_pixels(pipeline, params, targets.photos)
+        images = [pixels.subset(targets.pixel_weights(row).cpu()[mask] > 0) for row, (mask, pixels) in enumerate(rendered)]
+        if min(len(pixels.photo) for pixels in images) < MIN_SOLVE_PIXELS:  # too few to solve for: a uniform light
             params.sh = pipeline.initial_light(params, targets.photos)
             return params
-        images = [solve_pixels(pipeline, row, vertices[row], focal[row], photo.cpu(), *covered[row])
-                  for row, photo in enumerate(targets.photos)]
         identity_of = [params.identity_row(row) for row in range(params.n_images)]
         rows_of = {identity: [row for row, of in enumerate(identity_of) if of == identity]
                    for identity in range(params.identity.shape[0])}
@@ -759,13 +767,14 @@ def keep_what_every_photo_shows(pipeline: Pipeline, params: SceneParameters, tar
 def start_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> tuple:
     """Stage 2's start from stage 1: light and albedo by least squares (``solve_appearance``),
     the pixels that face cannot explain left out, and where any were, light and albedo solved
-    again without them -> (SceneParameters, Targets). A dark beard over a third of the face
+    again without them (from the same renders) -> (SceneParameters, Targets). A dark beard over a third of the face
     had tilted the first light (its robust weights cannot leave out that much), and Adam keeps
     the light it starts from."""
-    solved = solve_appearance(pipeline, params, targets)
+    rendered = face_solve_pixels(pipeline, params, targets.photos)
+    solved = solve_appearance(pipeline, params, targets, rendered)
     targets = leave_out_unexplained(pipeline, solved, targets, outline=False)  # see OUTLINE_BAND
     if targets.left_out is not None and any(bool(mask.any()) for mask in targets.left_out):
-        solved = solve_appearance(pipeline, params, targets)
+        solved = solve_appearance(pipeline, params, targets, rendered)
     return solved, targets
 
 
