@@ -432,7 +432,9 @@ class SolvePixels:
     specular_albedo: tuple  # the same for the specular albedo
 
     def subset(self, keep: torch.Tensor) -> 'SolvePixels':
-        """The pixels that ``keep`` [k] bool marks."""
+        """The pixels that ``keep`` [k] bool marks (no copy when it marks them all)."""
+        if bool(keep.all()):
+            return self
         return SolvePixels(self.photo[keep], self.diffuse[keep], self.specular[keep],
                            tuple(t[keep] for t in self.diffuse_albedo), tuple(t[keep] for t in self.specular_albedo))
 
