@@ -699,7 +699,8 @@ def unexplained_pixels(rendered: torch.Tensor, photo: torch.Tensor, threshold: f
     [h, w, 3] (see OUTLIER_FLOOR above; ``outline``: with the outline band's rule)."""
     alpha = rendered[..., 3].cpu().numpy()
     face = alpha > 0.99
-    residual = (rendered[..., :3] - photo).abs().mean(-1).cpu().numpy()
+    difference = (photo - rendered[..., :3]).cpu().numpy()  # [h, w, 3]
+    residual = np.abs(difference).mean(-1)
     none = torch.zeros(alpha.shape, dtype=torch.bool)
     if face.sum() < MIN_SOLVE_PIXELS:
         return none
@@ -713,7 +714,7 @@ def unexplained_pixels(rendered: torch.Tensor, photo: torch.Tensor, threshold: f
     reached = hysteresis(seeds, weak)
     overhang = np.zeros_like(face)
     if outline:
-        brighter = (photo - rendered[..., :3]).mean(-1).cpu().numpy() > 0
+        brighter = difference.mean(-1) > 0
         overhang = hysteresis(candidates & brighter & outline_band(face), weak & brighter)
     outliers = scipy.ndimage.binary_dilation(seeds | reached | overhang, iterations=OUTLIER_GROW) & (alpha > 0)
     if outliers.sum() > OUTLIER_MAX_SHARE * face.sum():
@@ -769,9 +770,9 @@ def keep_what_every_photo_shows(pipeline: Pipeline, params: SceneParameters, tar
 def start_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets) -> tuple:
     """Stage 2's start from stage 1: light and albedo by least squares (``solve_appearance``),
     the pixels that face cannot explain left out, and where any were, light and albedo solved
-    again without them (from the same renders) -> (SceneParameters, Targets). A dark beard over a third of the face
-    had tilted the first light (its robust weights cannot leave out that much), and Adam keeps
-    the light it starts from."""
+    again without them (from the same renders) -> (SceneParameters, Targets). A dark beard over
+    a third of the face had tilted the first light (its robust weights cannot leave out that
+    much), and Adam keeps the light it starts from."""
     rendered = face_solve_pixels(pipeline, params, targets.photos)
     solved = solve_appearance(pipeline, params, targets, rendered)
     targets = leave_out_unexplained(pipeline, solved, targets, outline=False)  # see OUTLINE_BAND
