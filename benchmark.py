@@ -16,7 +16,9 @@ stage 3 can fit. ``--profile`` prints where the time of stages 2 and 3 goes inst
 accuracy; ``--cli`` times the whole command line (model loading, the
 three stages, all outputs) on the synthetic photo instead; ``--textures`` prints the time of
 stages 2 and 3 and of writing the outputs, and the peak memory, at 512, 1024 and 2048 texels;
-``--video N ...`` the speed of finding and tracking the face in 640x360 clips of N frames, and
+``--diagnose`` prints what limits stage 2 (the error that light and albedo solved
+by least squares reach on the start's geometry and on the true one, and how alike the geometry
+gradients of independent renders are) instead of fitting; ``--video N ...`` the speed of finding and tracking the face in 640x360 clips of N frames, and
 the peak memory of each; ``--cluster N`` the images per hour of a batch of N photos fitted here
 one by one and on a local Ray cluster with 1 and 2 workers, and the overhead per image.
 """
@@ -186,6 +188,42 @@ def compare_texture_resolutions(config, args, folder: str) -> None:
               f' {row["own"]:>7.0f}', flush=True)
 
 
+def geometry_gradients(scene, params, targets, spp: int, seeds: tuple) -> list:
+    """The gradient of stage 2's photometric loss with respect to the identity and expression
+    coefficients of ``params`` [shape + expression], one per render seed, at ``spp``."""
+    params = params.detached()
+    coefficients = (params.identity.requires_grad_(True), params.expression.requires_grad_(True))
+    weights = targets.pixel_weights(0)
+    gradients = []
+    for seed in seeds:
+        rendered = scene.render(params, 0, spp, seed, scene.vertices(params)[0])
+        loss = fitting.photometric_loss(rendered, targets.photos[0], weights)
+        gradients.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, coefficients)]))
+    return gradients
+
+
+def print_stage2_diagnosis(scene, truth, params, targets, every_pixel) -> None:
+    """What limits stage 2, from the least-squares start ``params``: the photometric error that
+    light and albedo solved by least squares reach on the start's geometry and on the true one
+    (how much of the error is the geometry's), and how alike the geometry gradients of
+    independent renders are (the mean cosine between pairs of seeds: 1 is noise-free)."""
+    on_true_geometry = params.detached()
+    for name in ('identity', 'expression', 'rotation', 'translation', 'focal'):
+        setattr(on_true_geometry, name, getattr(truth, name).clone())
+    on_true_geometry = fitting.solve_appearance(scene, on_true_geometry, targets)
+    print(f'photometric error, light and albedo by least squares: on the start\'s geometry '
+          f'{fitting.photometric_error(scene, params, every_pixel):.4f}, on the true geometry '
+          f'{fitting.photometric_error(scene, on_true_geometry, every_pixel):.4f} '
+          f'(true parameters {fitting.photometric_error(scene, truth, every_pixel):.4f})')
+    cosines = []
+    for spp in (4, 16, 64, 256):
+        a, b, c = geometry_gradients(scene, params, targets, spp, (11, 12, 13))
+        cosine = torch.nn.functional.cosine_similarity
+        cosines.append(f'{spp} spp {float(cosine(a, b, 0) + cosine(a, c, 0) + cosine(b, c, 0)) / 3:.2f}')
+    print('geometry gradient (identity and expression) of the photometric loss at the start, mean cosine '
+          'between independent renders: ' + ', '.join(cosines))
+
+
 def video_run(clip_path: str, model_path: str) -> dict:
     """In a process of its own: find the face in every frame of a clip and track its pose and
     expression (ICT-FaceKit, the mean identity) -> frames, seconds of each pass, peak MB."""
@@ -292,6 +330,8 @@ def main() -> None:
     parser.add_argument('--detail', action='store_true',
                         help='the true diffuse map is the statistical albedo with fine detail (spots, mottling) '
                              'that only stage 3 can fit')
+    parser.add_argument('--diagnose', action='store_true',
+                        help="what limits stage 2, from the least-squares start, instead of fitting")
     parser.add_argument('--cli', action='store_true',
                         help='time the whole command line (optimizer.py) on the synthetic photo instead')
     parser.add_argument('--textures', action='store_true',
@@ -349,6 +389,9 @@ def run(args, folder: str) -> None:
     every_pixel = targets  # the errors below are over the whole face, as before anything was left out
     (params, targets), seconds = timed(lambda: fitting.start_stage2(scene, params, targets))
     rows.append(('start', 1, seconds, seconds))
+    if args.diagnose:
+        print_stage2_diagnosis(scene, truth, params, targets, every_pixel)
+        return
     (params, history), seconds = timed(lambda: fitting.fit_stage2(scene, params, targets))
     rows.append(stage_row('stage 2', history, seconds))
     after_stage2 = params

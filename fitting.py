@@ -798,20 +798,26 @@ def left_out_share(pipeline: Pipeline, params: SceneParameters, targets: Targets
 # does better: four runs each of stage 2, 0.0501-0.0589 and 2.76-3.30 mm (mean 0.0549, 2.94 mm)
 # against 0.0556-0.0787 and 2.99-4.28 mm (0.0674, 3.67 mm) with 0.1 σ. Light steps 5× smaller
 # than before keep the solved light (10× smaller kept it closer on the small test face, but the
-# benchmark's error rose: 0.058 → 0.065).
+# benchmark's error rose: 0.058 → 0.065). Those were 300 steps of 8 spp; with 100 of 32 (the
+# defaults now) these rates, 1.5× and 2× them did alike (six runs from one start, README).
 STAGE2_RATES = dict(geometry=0.05, albedo=0.02, rotation=0.002, translation=0.5, light=0.001)
 # The photometric steps on a clip's frames: pose and expression near the landmark fit.
 REFINE_RATES = dict(expression=0.02, rotation=0.002, translation=0.5)
 
 
-def training_samples(config: Config, iteration: int, iterations: int) -> int:
-    """Samples per pixel of step ``iteration`` of a stage of ``iterations`` steps: half of
-    rtTrainingSamples while the steps are full (the first half, see ``learning_rate_factor``),
-    all of them while they shrink and average the noise out. Measured on stage 2 with
-    benchmark.py, two runs each: 8 spp throughout 0.0629 / 0.0632 and 5.47 / 5.88 mm, stage 2
-    81.7 / 80.2 s; 4 spp first 0.0635 / 0.0616 and 6.07 / 5.12 mm, 71.3 / 72.4 s (runs differ
-    by about 0.003 and 0.4 mm)."""
-    return max(1, config.rtTrainingSamples // 2) if iteration < iterations // 2 else config.rtTrainingSamples
+def training_samples(samples: int, iteration: int, iterations: int) -> int:
+    """Samples per pixel of step ``iteration`` of a stage of ``iterations`` steps that traces
+    ``samples``: half of them while the steps are full (the first half, see
+    ``learning_rate_factor``), all of them while the steps shrink and average the noise out.
+    Measured on stage 2 with benchmark.py, two runs each: 8 spp throughout 0.0629 / 0.0632 and
+    5.47 / 5.88 mm, stage 2 81.7 / 80.2 s; 4 spp first 0.0635 / 0.0616 and 6.07 / 5.12 mm,
+    71.3 / 72.4 s (runs differ by about 0.003 and 0.4 mm)."""
+    return max(1, samples // 2) if iteration < iterations // 2 else samples
+
+
+def stage2_samples(config: Config) -> int:
+    """Samples per pixel of stage 2: rtTrainingSamplesStep2, or rtTrainingSamples where it is 0."""
+    return config.rtTrainingSamplesStep2 or config.rtTrainingSamples
 
 
 def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_step=None) -> tuple:
@@ -837,7 +843,7 @@ def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
 
     def loss_terms(iteration: int) -> dict:
         vertices = pipeline.vertices(params)
-        spp = training_samples(config, iteration, config.iterStep2)
+        spp = training_samples(stage2_samples(config), iteration, config.iterStep2)
         photo = sum(photometric_loss(pipeline.render(params, row, spp, iteration, vertices[row]),
                                      target, pixel_weights[row]) for row, target in enumerate(targets.photos)) / len(targets.photos)
         return dict(
@@ -1020,7 +1026,7 @@ def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
         vertices = pipeline.vertices(params)  # fixed in stage 3: weightLandmarksLossStep3 has nothing to move
 
     def loss_terms(iteration: int) -> dict:
-        spp = training_samples(config, iteration, config.iterStep3)
+        spp = training_samples(config.rtTrainingSamples, iteration, config.iterStep3)
         photo = sum(photometric_loss(pipeline.render(params, row, spp, 10_000 + iteration,
                                                      vertices[row]), target, pixel_weights[row])
                     for row, target in enumerate(targets.photos)) / len(targets.photos)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import config as config_module
 import landmarks as landmarks_module
 import modelFiles
 import optimizer
@@ -44,12 +45,19 @@ LIVE_SPP, LIGHT_SPP = 4, 64
 # The presets: a config file of this project and the keys they set over it.
 PRESETS = {
     'quick preview': ('optimConfig.ini', dict(maxResolution=160, textureResolution=512, rtSamples=64,
-                                              iterStep2=60, iterStep3=20)),
+                                              iterStep2=30, iterStep3=20)),
     'default': ('optimConfig.ini', {}),
     'optimConfigLight': ('optimConfigLight.ini', {}),
     'high quality': ('optimConfig.ini', dict(maxResolution=512, textureResolution=1024, rtSamples=2000,
-                                             iterStep2=400, iterStep3=200)),
+                                             iterStep2=150, iterStep3=200)),
 }
+
+
+def preset_steps(preset: str) -> tuple:
+    """The steps of stages 2 and 3 that ``preset`` runs: its keys over its config file's."""
+    config_file, keys = PRESETS[preset]
+    config = config_module.load_config(os.path.join(ROOT, config_file)).replace(**keys)
+    return config.iterStep2, config.iterStep3
 REGIONS = ((17, 'jaw'), (27, 'brow'), (36, 'nose'), (48, 'eye'), (68, 'mouth'))  # iBUG index ranges
 
 
@@ -293,10 +301,11 @@ def build_app(models: dict, sessions: Sessions) -> gr.Blocks:
                 model = gr.Dropdown(choices=list(models), value=next(iter(models), None), label='Face model',
                                     elem_id='model')
                 preset = gr.Radio(choices=list(PRESETS), value='default', label='Preset', elem_id='preset')
+                default_steps = preset_steps('default')
                 with gr.Row():
-                    steps2 = gr.Number(value=300, precision=0, minimum=0, maximum=5000, label='Stage 2 steps',
+                    steps2 = gr.Number(value=default_steps[0], precision=0, minimum=0, maximum=5000, label='Stage 2 steps',
                                        elem_id='steps2')
-                    steps3 = gr.Number(value=100, precision=0, minimum=0, maximum=5000, label='Stage 3 steps',
+                    steps3 = gr.Number(value=default_steps[1], precision=0, minimum=0, maximum=5000, label='Stage 3 steps',
                                        elem_id='steps3')
                 with gr.Row():
                     run = gr.Button('Run', variant='primary', elem_id='run')
@@ -378,8 +387,7 @@ def build_app(models: dict, sessions: Sessions) -> gr.Blocks:
             return landmark_view(photo), f'{photo.name}: the detected landmarks are back.'
 
         def on_preset(name):
-            keys = PRESETS[name][1]
-            return keys.get('iterStep2', 300), keys.get('iterStep3', 100)
+            return preset_steps(name)
 
         def on_run(model_label, preset_name, iterations2, iterations3, shared_identity, request: gr.Request):
             session = sessions.get(request)

@@ -81,7 +81,7 @@ def test_upload_correct_a_landmark_fit_and_look_at_the_result(app, tmp_path):
 
         # a fit cancelled in stage 2 stops there and writes no results
         page.get_by_label('quick preview').check()
-        page.wait_for_function("document.querySelector('#steps2 input').value === '60'")
+        page.wait_for_function("document.querySelector('#steps2 input').value === '30'")
         page.locator('#run').click()
         page.wait_for_function("document.querySelector('#status').innerText.includes('obama2.jpg: stage 2, step')", timeout=300_000)
         page.locator('#cancel').click()
