@@ -83,8 +83,9 @@ class Config:
     # ray tracing
     rtSamples: int = field(default=500, metadata=_between(1, 65536))
     rtTrainingSamples: int = field(default=8, metadata=_between(1, 4096))
-    # samples per pixel of stage 2 (0: rtTrainingSamples, as in NextFace)
+    # samples per pixel of stages 2 and 3 (0: rtTrainingSamples, as in NextFace)
     rtTrainingSamplesStep2: int = field(default=0, metadata=_between(0, 4096))
+    rtTrainingSamplesStep3: int = field(default=0, metadata=_between(0, 4096))
     # 'prb' (no silhouette gradients) or 'prb_projective' (silhouette gradients, ~2.2x slower;
     # see renderer.INTEGRATORS)
     integrator: str = field(default='prb', metadata=dict(choices=('prb', 'prb_projective')))

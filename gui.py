@@ -45,11 +45,11 @@ LIVE_SPP, LIGHT_SPP = 4, 64
 # The presets: a config file of this project and the keys they set over it.
 PRESETS = {
     'quick preview': ('optimConfig.ini', dict(maxResolution=160, textureResolution=512, rtSamples=64,
-                                              iterStep2=30, iterStep3=20)),
+                                              iterStep2=30, iterStep3=10)),
     'default': ('optimConfig.ini', {}),
     'optimConfigLight': ('optimConfigLight.ini', {}),
     'high quality': ('optimConfig.ini', dict(maxResolution=512, textureResolution=1024, rtSamples=2000,
-                                             iterStep2=150, iterStep3=200)),
+                                             iterStep2=150, iterStep3=100)),
 }
 
 

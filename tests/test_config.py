@@ -18,7 +18,7 @@ def test_nextface_configs_parse_with_their_meaning(name):
     assert c.device == 'cuda' and c.bands == 9 and c.envMapRes == 64 and c.textureResolution == 512
     assert c.iterStep1 == 2000 and c.iterStep2 == 400 and c.iterStep3 == 100
     assert c.rtSamples == 4000 and c.rtTrainingSamples == 8  # '8#comment' with no space
-    assert fitting.stage2_samples(c) == 8  # NextFace's stage 2 traced rtTrainingSamples
+    assert fitting.stage_samples(c, 2) == fitting.stage_samples(c, 3) == 8  # NextFace traced rtTrainingSamples
     assert c.camFocalLength == 3000.0 and c.optimizeFocalLength is True and c.trimPca is False
     assert c.path == './baselMorphableModel'
     expected_detector = 'fan' if name == 'optimConfig.nextface.ini' else 'mediapipe'  # key 'tracker' there
@@ -30,7 +30,7 @@ def test_nextface_configs_parse_with_their_meaning(name):
 def test_shipped_configs_parse(name):
     c = config.load_config(os.path.join(ROOT, name))
     assert c.device == 'cpu' and c.lamdmarksDetectorType == 'mediapipe'
-    assert fitting.stage2_samples(c) == 32 and c.rtTrainingSamples == 8  # fewer stage-2 steps of more samples
+    assert (fitting.stage_samples(c, 2), fitting.stage_samples(c, 3), c.rtTrainingSamples) == (32, 16, 8)  # fewer steps of more samples
 
 
 def test_light_config_has_stronger_reflectance_regularizers():
