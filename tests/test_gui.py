@@ -129,6 +129,14 @@ def test_upload_correct_a_landmark_fit_and_look_at_the_result(app, tmp_path):
         print(f'screenshots in {tmp_path}')
 
 
+def test_the_presets_steps_come_from_their_config_files():
+    import config
+    shipped = config.load_config(os.path.join(gui.ROOT, 'optimConfig.ini'))
+    assert gui.preset_steps('default') == (shipped.iterStep2, shipped.iterStep3)
+    quick, best = gui.preset_steps('quick preview'), gui.preset_steps('high quality')
+    assert all(q < d < b for q, d, b in zip(quick, gui.preset_steps('default'), best))
+
+
 def test_uploads_that_are_not_photos_are_refused(tmp_path):
     fake = tmp_path / 'photo.png'
     fake.write_bytes(b'not an image at all')
