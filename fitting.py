@@ -809,9 +809,11 @@ def training_samples(samples: int, iteration: int, iterations: int) -> int:
     """Samples per pixel of step ``iteration`` of a stage of ``iterations`` steps that traces
     ``samples``: half of them while the steps are full (the first half, see
     ``learning_rate_factor``), all of them while the steps shrink and average the noise out.
-    Measured on stage 2 with benchmark.py, two runs each: 8 spp throughout 0.0629 / 0.0632 and
-    5.47 / 5.88 mm, stage 2 81.7 / 80.2 s; 4 spp first 0.0635 / 0.0616 and 6.07 / 5.12 mm,
-    71.3 / 72.4 s (runs differ by about 0.003 and 0.4 mm)."""
+    Stage 3 does so. Stage 2 did at 8 spp (benchmark.py, two runs each: 8 spp throughout 0.0629
+    / 0.0632 and 5.47 / 5.88 mm, 81.7 / 80.2 s; 4 spp first 0.0635 / 0.0616 and 6.07 / 5.12 mm,
+    71.3 / 72.4 s), but at 32 its first half needs them all: from one cached start, four runs
+    each of 100 steps, 8 spp in the first half 3.38-3.72 mm (42-43 s), 16 spp 2.83-3.26 mm (six
+    runs, 49-50 s), 32 spp 2.76-3.02 mm (59 s)."""
     return max(1, samples // 2) if iteration < iterations // 2 else samples
 
 
@@ -841,10 +843,10 @@ def fit_stage2(pipeline: Pipeline, params: SceneParameters, targets: Targets, on
               dict(params=[params.rotation], lr=rates['rotation']),
               dict(params=[params.translation], lr=rates['translation']),
               dict(params=[params.sh], lr=rates['light'] * light_level)]
+    spp = stage_samples(config, 2)  # all of them from the first step: see training_samples
 
     def loss_terms(iteration: int) -> dict:
         vertices = pipeline.vertices(params)
-        spp = training_samples(stage_samples(config, 2), iteration, config.iterStep2)
         photo = sum(photometric_loss(pipeline.render(params, row, spp, iteration, vertices[row]),
                                      target, pixel_weights[row]) for row, target in enumerate(targets.photos)) / len(targets.photos)
         return dict(
