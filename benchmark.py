@@ -18,7 +18,8 @@ three stages, all outputs) on the synthetic photo instead; ``--textures`` prints
 stages 2 and 3 and of writing the outputs, and the peak memory, at 512, 1024 and 2048 texels;
 ``--diagnose`` prints what limits stage 2 (the error that light and albedo solved
 by least squares reach on the start's geometry and on the true one, and how alike the geometry
-gradients of independent renders are) instead of fitting; ``--video N ...`` the speed of finding and tracking the face in 640x360 clips of N frames, and
+gradients of independent renders are) instead of fitting; ``--video N ...`` the speed of
+finding and tracking the face in 640x360 clips of N frames, and
 the peak memory of each; ``--cluster N`` the images per hour of a batch of N photos fitted here
 one by one and on a local Ray cluster with 1 and 2 workers, and the overhead per image.
 """
@@ -215,10 +216,9 @@ def print_stage2_diagnosis(scene, truth, params, targets, every_pixel) -> None:
           f'{fitting.photometric_error(scene, params, every_pixel):.4f}, on the true geometry '
           f'{fitting.photometric_error(scene, on_true_geometry, every_pixel):.4f} '
           f'(true parameters {fitting.photometric_error(scene, truth, every_pixel):.4f})')
-    cosines = []
+    cosine, cosines = torch.nn.functional.cosine_similarity, []
     for spp in (4, 16, 64, 256):
         a, b, c = geometry_gradients(scene, params, targets, spp, (11, 12, 13))
-        cosine = torch.nn.functional.cosine_similarity
         cosines.append(f'{spp} spp {float(cosine(a, b, 0) + cosine(a, c, 0) + cosine(b, c, 0)) / 3:.2f}')
     print('geometry gradient (identity and expression) of the photometric loss at the start, mean cosine '
           'between independent renders: ' + ', '.join(cosines))

@@ -11,6 +11,7 @@ import pytest
 from conftest import SHARED
 
 gr = pytest.importorskip('gradio')
+import config  # noqa: E402
 import gui  # noqa: E402
 import photos  # noqa: E402
 
@@ -130,7 +131,6 @@ def test_upload_correct_a_landmark_fit_and_look_at_the_result(app, tmp_path):
 
 
 def test_the_presets_steps_come_from_their_config_files():
-    import config
     shipped = config.load_config(os.path.join(gui.ROOT, 'optimConfig.ini'))
     assert gui.preset_steps('default') == (shipped.iterStep2, shipped.iterStep3)
     quick, best = gui.preset_steps('quick preview'), gui.preset_steps('high quality')
