@@ -386,6 +386,38 @@ def load_checkpoint(output: str, key: str, until: int, model: MorphableModel, n_
     return None
 
 
+def left_out_path(output: str, key: str) -> str:
+    return os.path.join(output, CHECKPOINT_FOLDER, f'{key}_leftout.pt')
+
+
+def save_left_out(output: str, key: str, left_out: list) -> None:
+    """The pixels stage 3 leaves out of each image ([h, w] bool per image, or None for none),
+    saved with the stage-2 checkpoint: a run resumed after stage 2 fits and writes what an
+    uninterrupted one does (recomputed from the stage-2 face alone, the pixels that the
+    least-squares start had left out would be missing)."""
+    with utils.atomic_path(left_out_path(output, key)) as temporary:
+        torch.save({'left_out': None if left_out is None else [mask.cpu() for mask in left_out]}, temporary)
+
+
+def load_left_out(output: str, key: str, sizes: list):
+    """The saved ``left_out`` masks of ``key`` for images of ``sizes`` [(w, h)] -> (whether
+    they were saved, the masks or None); a damaged or foreign file is a CheckpointError."""
+    path = left_out_path(output, key)
+    if not os.path.isfile(path):  # a stage-2 checkpoint of an earlier version
+        return False, None
+    try:
+        left_out = torch.load(path, map_location='cpu', weights_only=True)['left_out']
+        if left_out is not None and (len(left_out) != len(sizes) or any(
+                mask.dtype != torch.bool or tuple(mask.shape) != (size[1], size[0]) for mask, size in zip(left_out, sizes))):
+            raise ValueError(f'masks of {[tuple(mask.shape) for mask in left_out]} for images of (w, h) {sizes}')
+    except (RuntimeError, ValueError, TypeError, KeyError, EOFError, AttributeError, zipfile.BadZipFile,
+            pickle.UnpicklingError) as error:
+        raise CheckpointError(f"checkpoint '{path}' is damaged or not one of this tool's "
+                              f"({type(error).__name__}: {str(error)[:120]}): delete it and the stage-2 checkpoint "
+                              f"beside it to fit the photo again") from None
+    return True, left_out
+
+
 def _mismatch(params: SceneParameters, model: MorphableModel, n_images: int, bands: int) -> str:
     """What in ``params`` does not fit the model and images of this run ('' if nothing)."""
     n_identities = params.identity.shape[0] if params.identity.ndim == 2 else -1

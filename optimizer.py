@@ -335,8 +335,9 @@ def fit_group(model: MorphableModel, images: list[FitImage], config: Config, sha
         # and what the fitted face cannot explain, out of stage 3 and of the photo map too
         targets = fitting.stage3_targets(pipeline, params, targets)
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)
-    elif params.stage >= 2:  # resumed after stage 2: the same for its face
-        targets = fitting.stage3_targets(pipeline, params, targets)
+    elif params.stage >= 2:  # resumed after stage 2: what it left out (an earlier version's: the same for its face)
+        saved, left_out = checkpoints.load_left_out(output, checkpoint_key, targets.sizes)
+        targets = dataclasses.replace(targets, left_out=left_out) if saved else fitting.stage3_targets(pipeline, params, targets)
     if params.stage < 3 and config.iterStep3 > 0:
         params, _ = fitting.fit_stage3(pipeline, params, targets, step_watchers(output, pipeline, images, 3, observer))
         finish_stage(output, checkpoint_key, pipeline, params, images, targets)
@@ -349,7 +350,10 @@ def fit_group(model: MorphableModel, images: list[FitImage], config: Config, sha
 def finish_stage(output: str, checkpoint_key: str, pipeline: Pipeline, params: SceneParameters,
                  images: list[FitImage], targets: fitting.Targets) -> None:
     """Checkpoint a finished stage, say how good it is, and with ``saveIntermediateStage`` write
-    its results (suffix ``_stage1``, ``_stage2``)."""
+    its results (suffix ``_stage1``, ``_stage2``). After stage 2 what stage 3 leaves out is saved
+    first: a stage-2 checkpoint is never without it."""
+    if params.stage == 2:
+        checkpoints.save_left_out(output, checkpoint_key, targets.left_out)
     checkpoints.save_checkpoint(output, checkpoint_key, params)
     if params.stage == 1:
         with torch.no_grad():

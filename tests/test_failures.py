@@ -251,6 +251,31 @@ def test_a_damaged_or_foreign_checkpoint_fails_its_image(damage, photo, ict, tmp
     assert status == 1 and f"checkpoint '{path}'" in text and 'delete it to fit the photo again' in text, text
 
 
+def test_a_run_resumed_after_stage2_leaves_out_what_stage2_left_out(photo, ict, tmp_path, capsys):
+    """What stage 3 leaves out is saved with the stage-2 checkpoint, and a run resumed there
+    leaves out those pixels (here replaced by a block, as if the least-squares start had left
+    it out), not ones recomputed from the stage-2 face alone; a damaged file fails the photo."""
+    output = tmp_path / 'out'
+    args = ['--input', photo['image'], '--landmarks', photo['landmarks'], '--output', output] + ict + STAGE1[4:]
+    assert run(args + ['--iterations', '10', '2', '0'], capsys)[0] == 0
+    key = checkpoints.image_key(checkpoints.file_digest(photo['image']))
+    saved = output / 'checkpoints' / f'{key}_leftout.pt'
+    record = json.loads((output / 'params0.json').read_text())
+    height, width = record['height'], record['width']
+    block = torch.zeros(height, width, dtype=torch.bool)
+    block[height // 3:height // 2, width // 3:width // 2] = True
+    torch.save({'left_out': [block]}, saved)
+    status, text = run(args + ['--iterations', '10', '2', '2', '--resume'], capsys)
+    assert status == 0 and f'{key}: resuming after stage 2' in text, text
+    overlay = np.asarray(Image.open(output / 'leftOut_0.png').convert('RGB')).astype(int)
+    magenta = (overlay[..., 0] >= 153) & (overlay[..., 1] <= 102) & (overlay[..., 2] >= 153)
+    assert (magenta == block.numpy()).mean() > 0.99, (magenta.sum(), block.sum())
+    saved.write_bytes(b'not a checkpoint')
+    (output / 'checkpoints' / f'{key}_stage3.pt').unlink()  # stage 3 to do again, from the stage-2 checkpoint
+    status, text = run(args + ['--iterations', '10', '2', '2', '--resume'], capsys)
+    assert status == 1 and f"checkpoint '{saved}'" in text and 'delete it' in text, text
+
+
 def test_resume_matches_photos_by_content_not_position(photo, ict, tmp_path, capsys):
     """Fit b.png; add a.png, which sorts before it; --resume fits a.png and b.png's results move
     to its new index, from its own checkpoint: no result holds another person."""
