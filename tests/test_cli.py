@@ -42,8 +42,8 @@ def test_end_to_end_on_a_real_photo_writes_every_output(ict_folder, astronaut, t
                  'debug/stage2_image0_0000.png', 'debug/stage2_image0_0002.png', 'debug/stage3_image0_0001.png']:
         assert os.path.getsize(tmp_path / name) > 0, name
     key = checkpoints.image_key(checkpoints.file_digest(astronaut))  # checkpoints are named by the photo's content
-    assert sorted(os.listdir(tmp_path / 'checkpoints')) == [f'{key}_stage1.pt', f'{key}_stage2.pt', f'{key}_stage3.pt',
-                                                            'run.json']
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == [f'{key}_leftout.pt', f'{key}_stage1.pt', f'{key}_stage2.pt',
+                                                            f'{key}_stage3.pt', 'run.json']
     params = json.loads((tmp_path / 'params0.json').read_text())
     assert params['width'] == 128 and params['stage'] == 3 and len(params['sh']) == 81
     render = np.asarray(Image.open(tmp_path / 'render_0.png'))
