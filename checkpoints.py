@@ -365,6 +365,16 @@ def save_checkpoint(output: str, key: str, params: SceneParameters) -> None:
         raise OSError(errno.EIO, f'the checkpoint could not be written ({error})', path) from None
 
 
+# What torch.load and the checks after it raise for a damaged or foreign checkpoint file.
+UNREADABLE = (RuntimeError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
+
+
+def damaged(path: str, error: Exception, remedy: str) -> 'CheckpointError':
+    """The error for checkpoint file ``path`` that could not be used; ``remedy``: what to delete."""
+    return CheckpointError(f"checkpoint '{path}' is damaged or not one of this tool's "
+                           f"({type(error).__name__}: {str(error)[:120]}): {remedy} to fit the photo again")
+
+
 def load_checkpoint(output: str, key: str, until: int, model: MorphableModel, n_images: int, bands: int):
     """The parameters of the latest finished stage <= ``until`` of ``key``, or None; a damaged
     checkpoint, or one that does not fit this model and these images, is a CheckpointError."""
@@ -374,10 +384,8 @@ def load_checkpoint(output: str, key: str, until: int, model: MorphableModel, n_
             continue
         try:
             params = SceneParameters.load(path)
-        except (RuntimeError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile,
-                pickle.UnpicklingError) as error:
-            raise CheckpointError(f"checkpoint '{path}' is damaged or not one of this tool's "
-                                  f"({type(error).__name__}: {str(error)[:120]}): delete it to fit the photo again") from None
+        except UNREADABLE as error:
+            raise damaged(path, error, 'delete it') from None
         problem = _mismatch(params, model, n_images, bands)
         if problem:
             raise CheckpointError(f"checkpoint '{path}' does not fit this run ({problem}): delete it to fit the "
@@ -410,11 +418,8 @@ def load_left_out(output: str, key: str, sizes: list):
         if left_out is not None and (len(left_out) != len(sizes) or any(
                 mask.dtype != torch.bool or tuple(mask.shape) != (size[1], size[0]) for mask, size in zip(left_out, sizes))):
             raise ValueError(f'masks of {[tuple(mask.shape) for mask in left_out]} for images of (w, h) {sizes}')
-    except (RuntimeError, ValueError, TypeError, KeyError, EOFError, AttributeError, zipfile.BadZipFile,
-            pickle.UnpicklingError) as error:
-        raise CheckpointError(f"checkpoint '{path}' is damaged or not one of this tool's "
-                              f"({type(error).__name__}: {str(error)[:120]}): delete it and the stage-2 checkpoint "
-                              f"beside it to fit the photo again") from None
+    except UNREADABLE + (AttributeError,) as error:
+        raise damaged(path, error, 'delete it and the stage-2 checkpoint beside it') from None
     return True, left_out
 
 
