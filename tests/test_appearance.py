@@ -112,6 +112,31 @@ def test_stage3_maps_are_valid_and_stay_near_the_statistical_albedo(fitted):
     assert float((p.diffuse_map[0][mask] - statistical[mask]).abs().mean()) < 0.05
 
 
+def test_the_map_regularizer_is_the_mean_squares_of_its_terms_and_their_gradient():
+    """Stage 3's regularizer (value and gradient in closed form) against autograd's mean squares
+    of the mirrored map, the change from the start and the row and column differences, summed
+    over two identities' maps."""
+    generator = torch.Generator().manual_seed(3)
+    texture = torch.rand(2, 8, 8, 3, generator=generator, dtype=torch.float64)
+    reference = torch.rand(2, 8, 8, 3, generator=generator, dtype=torch.float64)
+    weights = (0.3, 0.7, 1.9)
+    mse = torch.nn.functional.mse_loss
+
+    def by_autograd(map_, start):
+        symmetry, consistency, smoothness = weights
+        return (symmetry * mse(map_, torch.flip(map_, dims=[1])) + consistency * mse(map_, start)
+                + smoothness * (mse(map_[1:], map_[:-1]) + mse(map_[:, 1:], map_[:, :-1])))
+
+    plain = texture.clone().requires_grad_(True)
+    expected = sum(by_autograd(plain[k], reference[k]) for k in range(2))
+    expected.backward()
+    closed = texture.clone().requires_grad_(True)
+    value = fitting.texture_regularizer(closed, reference, weights)
+    (2.5 * value).backward()
+    assert float(value) == pytest.approx(float(expected), rel=1e-12)
+    assert torch.allclose(closed.grad, 2.5 * plain.grad, rtol=1e-10, atol=0)
+
+
 def test_the_loops_return_every_weighted_term_by_name(fitted):
     """The history holds each step's weighted loss terms; Adam keeps (does not undo) the
     least-squares start's photometric error."""
