@@ -343,7 +343,8 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
     step. A non-finite loss puts back the last good values and halves the steps; it fails the
     image after five in a row. ``on_step(iteration, terms)`` runs after every step (it may raise
     to stop the fit)."""
-    adam = torch.optim.Adam(groups)
+    # fused: one kernel a tensor, without the temporaries of the plain update (several maps a stage-3 step)
+    adam = torch.optim.Adam(groups, fused=True)
     base_rates = [group['lr'] for group in adam.param_groups]
     tensors = [t for group in groups for t in group['params']]
     good = [t.detach().clone() for t in tensors]
