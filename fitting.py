@@ -752,6 +752,8 @@ def stage3_targets(pipeline: Pipeline, params: SceneParameters, targets: Targets
     """What stage 3 and the photo map fit after stage 2: ``targets`` with what the face of
     ``params`` does not explain left out (``leave_out_unexplained``), except, with a shared
     identity, what the photos that see it leave out alike (``keep_what_every_photo_shows``)."""
+    if pipeline.config.outlierThreshold <= 0:  # nothing is left out: no renders to look at
+        return leave_out_unexplained(pipeline, params, targets)
     rendered = fitted_renders(pipeline, params)
     return keep_what_every_photo_shows(pipeline, params, leave_out_unexplained(pipeline, params, targets, rendered=rendered),
                                        rendered)

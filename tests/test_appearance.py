@@ -192,6 +192,14 @@ def test_a_face_too_small_to_solve_for_starts_under_a_uniform_light(fitted):
     assert torch.count_nonzero(solved.sh[0, 1:]) == 0 and float(solved.sh[0, 0].min()) > 0, solved.sh[0, :2]
 
 
+def test_without_an_outlier_threshold_nothing_is_left_out_or_rendered_for_it(fitted, monkeypatch):
+    """``outlierThreshold = 0``: stage 3 fits every pixel, and finding none to leave out renders
+    nothing (it rendered each image at 32 spp)."""
+    monkeypatch.setattr(fitted['scene'], 'config', fitted['scene'].config.replace(outlierThreshold=0))
+    monkeypatch.setattr(fitting, 'fitted_renders', lambda *_: pytest.fail('rendered to leave nothing out'))
+    assert fitting.stage3_targets(fitted['scene'], fitted['stage2'], fitted['targets']).left_out is None
+
+
 def test_pixels_the_face_cannot_explain_are_left_out(occluded, fitted):
     """A microphone in front of the chin: after stage 2, the pixels left out cover most of it
     (measured: all 432 of its face pixels) and little else (the grown border: 78% of the 556 left
