@@ -373,7 +373,9 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
             with torch.no_grad():
                 project()
         if iteration % 10 == 0:
-            good = [t.detach().clone() for t in tensors]
+            with torch.no_grad():
+                for kept, tensor in zip(good, tensors):
+                    kept.copy_(tensor)
         values = dict(zip(terms, torch.stack([term.detach() for term in terms.values()]).tolist()))  # one GPU sync
         history.append(dict(values, seconds=time.perf_counter() - start))
         if on_step is not None:
