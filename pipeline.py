@@ -7,6 +7,7 @@ Pose maps the canonical model (see ``morphableModel``) to the camera: X_cam = R(
 ``Pipeline`` wraps the morphable model, the SH light and one renderer per image; ``decode``
 turns ``SceneParameters`` into everything the losses and the result writers consume.
 """
+import functools
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -204,9 +205,10 @@ def texel_interpolation(uvs: np.ndarray, uv_faces: np.ndarray, faces: np.ndarray
 def sparse_interpolation(vertices: np.ndarray, weights: np.ndarray, n_vertices: int, device='cpu'):
     """The interpolation of ``texel_interpolation`` (vertices and weights [m, 3]) as a
     differentiable function: per-vertex values x [n_vertices, c] -> texels [m, c]. A sparse CSR
-    product (int32 indices) on ``device``, its transpose kept in CSR for the backward pass: torch's own backward
-    of a sparse product converts on every call (0.10 s per call for a 512² map of 28.8k vertices
-    on this project's CPU)."""
+    product (int32 indices) on ``device``, its transpose made in CSR at the first backward pass and
+    kept: torch's own backward of a sparse product converts on every call (0.10 s per call for a
+    512² map of 28.8k vertices on this project's CPU). Maps that are only exported, never fitted,
+    need no transpose (at 2048² texels each matrix is 100 MB)."""
     m = len(vertices)
     rows = np.arange(0, 3 * m + 1, 3, dtype=np.int32)
     forward = scipy.sparse.csr_matrix((weights.ravel(), vertices.ravel(), rows), shape=(m, n_vertices))
@@ -215,18 +217,18 @@ def sparse_interpolation(vertices: np.ndarray, weights: np.ndarray, n_vertices: 
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', 'Sparse CSR tensor support is in beta')
             warnings.filterwarnings('ignore', 'Sparse invariant checks are implicitly disabled')
-            return torch.sparse_csr_tensor(torch.from_numpy(matrix.indptr.astype(np.int32)),
-                                           torch.from_numpy(matrix.indices.astype(np.int32)),
-                                           torch.from_numpy(matrix.data.astype(np.float32)), matrix.shape,
+            return torch.sparse_csr_tensor(torch.from_numpy(matrix.indptr.astype(np.int32, copy=False)),
+                                           torch.from_numpy(matrix.indices.astype(np.int32, copy=False)),
+                                           torch.from_numpy(matrix.data.astype(np.float32, copy=False)), matrix.shape,
                                            check_invariants=False).to(device)
-    matrix, transposed = to_torch(forward), to_torch(forward.T.tocsr())
+    matrix, transposed = to_torch(forward), functools.cache(lambda: to_torch(forward.T.tocsr()))
     interpolate = lambda x: _SparseProduct.apply(matrix, transposed, x)
     interpolate.weights = forward  # [m, n_vertices] scipy CSR, for least-squares solves
     return interpolate
 
 
 class _SparseProduct(torch.autograd.Function):
-    """matrix @ x, with the backward pass by the transposed matrix given in CSR."""
+    """matrix @ x, with the backward pass by the transposed matrix in CSR (``transposed()``)."""
 
     @staticmethod
     def forward(ctx, matrix, transposed, x):
@@ -235,7 +237,7 @@ class _SparseProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gradient):
-        return None, None, ctx.transposed @ gradient
+        return None, None, ctx.transposed() @ gradient
 
 
 # ---------------------------------------------------------------------------- the pipeline

@@ -137,6 +137,27 @@ def test_the_map_regularizer_is_the_mean_squares_of_its_terms_and_their_gradient
     assert torch.allclose(closed.grad, 2.5 * plain.grad, rtol=1e-10, atol=0)
 
 
+def test_the_texel_interpolation_and_its_gradient_are_the_weights_and_their_transpose():
+    """``pipeline.sparse_interpolation`` (the maps' per-vertex values -> texels; its transpose made
+    at the first backward pass) against the dense weight matrix, twice (the second backward reuses
+    the transpose)."""
+    generator = torch.Generator().manual_seed(5)
+    vertices = torch.randint(0, 20, (50, 3), generator=generator).numpy().astype(np.int32)
+    weights = torch.rand(50, 3, generator=generator).numpy()
+    dense = torch.zeros(50, 20)
+    for texel in range(50):
+        for corner in range(3):
+            dense[texel, vertices[texel, corner]] += float(weights[texel, corner])
+    interpolate = pipeline.sparse_interpolation(vertices, weights, 20)
+    for seed in (1, 2):
+        values = torch.rand(20, 3, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+        upstream = torch.rand(50, 3, generator=generator)
+        texels = interpolate(values)
+        (texels * upstream).sum().backward()
+        assert torch.allclose(texels, dense @ values, atol=1e-6)
+        assert torch.allclose(values.grad, dense.T @ upstream, atol=1e-5)
+
+
 def test_the_loops_return_every_weighted_term_by_name(fitted):
     """The history holds each step's weighted loss terms; Adam keeps (does not undo) the
     least-squares start's photometric error."""
