@@ -1042,25 +1042,25 @@ class MapRegularizer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, texture, reference, symmetry: float, consistency: float, smoothness: float):
-        with torch.no_grad():
-            mirrored = texture - torch.flip(texture, dims=[2])  # [n, res, res, c]
-            changed = texture - reference
-            rows = texture[:, 1:] - texture[:, :-1]  # [n, res - 1, res, c]
-            columns = texture[:, :, 1:] - texture[:, :, :-1]  # [n, res, res - 1, c]
-            # the mean over one map of each term, as weights on a sum over all of them
-            per_texel, per_row, per_column = (1 / t[0].numel() for t in (texture, rows, columns))
-            squares = lambda t: torch.linalg.vector_norm(t).square()
-            value = (symmetry * per_texel * squares(mirrored) + consistency * per_texel * squares(changed)
-                     + smoothness * (per_row * squares(rows) + per_column * squares(columns)))
-            # mirroring is its own transpose: d/dx |x - Fx|² = 2(x - Fx) - 2F(x - Fx) = 4(x - Fx);
-            # a difference d_i = x_(i+1) - x_i pulls x_(i+1) by 2 d_i and x_i by -2 d_i
-            gradient = mirrored.mul_(4 * symmetry * per_texel).add_(changed, alpha=2 * consistency * per_texel)
-            rows.mul_(2 * smoothness * per_row)
-            columns.mul_(2 * smoothness * per_column)
-            gradient[:, 1:] += rows
-            gradient[:, :-1] -= rows
-            gradient[:, :, 1:] += columns
-            gradient[:, :, :-1] -= columns
+        # (autograd records nothing in a Function's forward: no temporaries kept for a backward pass)
+        mirrored = texture - torch.flip(texture, dims=[2])  # [n, res, res, c]
+        changed = texture - reference
+        rows = texture[:, 1:] - texture[:, :-1]  # [n, res - 1, res, c]
+        columns = texture[:, :, 1:] - texture[:, :, :-1]  # [n, res, res - 1, c]
+        # the mean over one map of each term, as weights on a sum over all of them
+        per_texel, per_row, per_column = (1 / t[0].numel() for t in (texture, rows, columns))
+        squares = lambda t: torch.linalg.vector_norm(t).square()
+        value = (symmetry * per_texel * squares(mirrored) + consistency * per_texel * squares(changed)
+                 + smoothness * (per_row * squares(rows) + per_column * squares(columns)))
+        # mirroring is its own transpose: d/dx |x - Fx|² = 2(x - Fx) - 2F(x - Fx) = 4(x - Fx);
+        # a difference d_i = x_(i+1) - x_i pulls x_(i+1) by 2 d_i and x_i by -2 d_i
+        gradient = mirrored.mul_(4 * symmetry * per_texel).add_(changed, alpha=2 * consistency * per_texel)
+        rows.mul_(2 * smoothness * per_row)
+        columns.mul_(2 * smoothness * per_column)
+        gradient[:, 1:] += rows
+        gradient[:, :-1] -= rows
+        gradient[:, :, 1:] += columns
+        gradient[:, :, :-1] -= columns
         ctx.save_for_backward(gradient)
         return value
 
