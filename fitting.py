@@ -1103,9 +1103,10 @@ def stage3_rates_and_weights(config: Config, has_albedo_model: bool) -> tuple:
 def fit_stage3(pipeline: Pipeline, params: SceneParameters, targets: Targets, on_step=None) -> tuple:
     """Stage 3: per-texel diffuse, specular and roughness maps (and the light), starting from the
     statistical albedo (without an albedo model, the diffuse map from the photos:
-    ``delit_diffuse``), with symmetry, consistency (to that start) and smoothness regularizers, fitted to the
-    pixels that ``targets`` does not leave out (``leave_out_unexplained``); the geometry stays as
-    stage 2 left it -> (SceneParameters, history). ``on_step`` as for ``fit_stage2``."""
+    ``delit_diffuse``), with symmetry, consistency (to that start) and smoothness regularizers, fitted by
+    the squared error (STAGE3_SQUARED_ERROR_WEIGHT) to the pixels that ``targets`` does not leave out
+    (``leave_out_unexplained``); the geometry stays as stage 2 left it -> (SceneParameters,
+    history). ``on_step`` as for ``fit_stage2``."""
     config = pipeline.config
     delit = None if pipeline.model.has_albedo_model else delit_diffuse(pipeline, params.detached().to('cpu'),
                                                                          targets.to('cpu'))  # see DELIT_SPP
