@@ -312,8 +312,7 @@ def photometric_loss(rendered: torch.Tensor, photo: torch.Tensor, weights: torch
     alpha = rendered[..., 3:].detach()
     if weights is not None:
         alpha = alpha * weights[..., None]
-    distance = (rendered[..., :3] - photo).abs() if power == 1 else (rendered[..., :3] - photo) ** power
-    return (alpha * distance).sum() / (3 * alpha.sum().clamp_min(1.0))
+    return (alpha * (rendered[..., :3] - photo).abs() ** power).sum() / (3 * alpha.sum().clamp_min(1.0))
 
 
 def landmark_loss(landmark_pixels: torch.Tensor, targets: Targets) -> torch.Tensor:
@@ -958,8 +957,9 @@ STAGE3_RATES = dict(diffuse=0.01, specular=0.01, roughness=0.01, light=0.01)
 # itself. From one stage-2 result of benchmark.py: after stage 3 0.0464 -> 0.0399 (weight 30;
 # 100: 0.0374, 300: 0.0362), --detail 0.0456 -> 0.0386 (100: 0.0359), the diffuse map's error
 # against the true one 0.0610 -> 0.0617 and 0.0823 -> 0.0824 (100: 0.0643, 0.0835). A heavier
-# weight is a weaker hold of the regularizers: 30 fits the photo without painting more of it
-# into the maps. Stage 2 stays L1: squared, its geometry was worse (4.07 against 3.1 mm).
+# weight is a weaker hold of the regularizers: at 30 the maps' error hardly moved (on real photos
+# they come out a little grainier: README). Stage 2 stays L1: squared, its geometry was worse
+# (x10: 4.07 mm; x5: 3.46 mm against 2.94-2.95 from the same start).
 STAGE3_SQUARED_ERROR_WEIGHT = 30.0
 # Without an albedo model (ICT-FaceKit) the stage-2 maps are one skin colour and one specular
 # level. Held to that colour, the diffuse map stayed flat and the specular map took the face's
