@@ -63,6 +63,40 @@ def extend_skin(texture: np.ndarray, inside: np.ndarray, level: np.ndarray) -> n
     return (weight * texture + (1 - weight) * level).astype(np.float32)
 
 
+def continued_offset(offset: np.ndarray, known: np.ndarray, length: float) -> np.ndarray:
+    """``offset`` [res, res, c], given where ``known`` [res, res] bool, continued into the other
+    texels: there the value of the known texels nearest around (``pull_push``), in full where at
+    least half of a Gaussian of σ = ``length`` texels around lies on known texels and fading
+    with that share below it. So a hole up to about 1.2 lengths in radius takes its
+    surroundings' value, and into a larger one the value fades over about two lengths (a third
+    of it left at one length from a straight border, 5% at two). Texels that are neighbours in
+    UV space are taken as neighbours on the surface (not so across a chart's seam, which the
+    short reach keeps harmless)."""
+    weight = known.astype(np.float64)
+    blur = lambda image: scipy.ndimage.gaussian_filter(image, length, mode='constant')
+    share = blur(weight) / blur(np.ones_like(weight))  # of the Gaussian's weight on known texels
+    fade = np.clip(2 * share, 0, 1)[..., None]
+    return np.where(known[..., None], offset, fade * pull_push(offset, weight)).astype(offset.dtype)
+
+
+def pull_push(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``values`` [h, w, c] with ``weights`` [h, w] in [0, 1] filled where the weight is under 1
+    from the values around, the nearest the most (Gortler et al. 1996, "The Lumigraph"): the
+    weighted 2×2 means of a half-size level (its weights the sums, at most 1), filled in turn,
+    blended in bilinearly where a texel's own weight falls short -> [h, w, c]."""
+    height, width = weights.shape
+    if weights.min() >= 1 or max(height, width) <= 1:
+        return values
+    pad = ((0, height % 2), (0, width % 2))
+    weighted = np.pad(values * weights[..., None], pad + ((0, 0),))
+    weights_even = np.pad(weights, pad)
+    quads = lambda a: a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2, *a.shape[2:]).sum((1, 3))
+    total = quads(weights_even)
+    coarse = pull_push(quads(weighted) / np.maximum(total, 1e-12)[..., None], np.minimum(total, 1.0))
+    upsampled = scipy.ndimage.zoom(coarse, (2, 2, 1), order=1, mode='nearest', grid_mode=True)[:height, :width]
+    return weights[..., None] * values + (1 - weights[..., None]) * upsampled
+
+
 def smoothstep(x: np.ndarray, low: float, high: float) -> np.ndarray:
     t = np.clip((x - low) / (high - low), 0, 1)
     return t * t * (3 - 2 * t)

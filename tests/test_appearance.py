@@ -324,7 +324,8 @@ def test_the_delit_map_of_the_true_fit_is_the_true_map(small_bfm, render_device)
     true one, dark brows and moustache included (measured: 0.011 off on the skin, 0.011 inside
     the hair, whose stage-2 skin colour is 0.30 off; the hair's border texels, which share their
     pixel with skin, 0.04). Pixels left out of one photo are painted from the other (0.017 off
-    on the moustache); left out of both, the texels keep the stage-2 map."""
+    on the moustache); left out of both, the texels away from the painted ones keep the stage-2
+    map (three fill lengths deep: 0.000 from it at most)."""
     model, cfg, _ = known_face(small_bfm, render_device)
     model = with_one_skin_colour(model)
     truth, scene = turned_views(model, cfg)
@@ -346,7 +347,7 @@ def test_the_delit_map_of_the_true_fit_is_the_true_map(small_bfm, render_device)
           f'{error(seen & hair):.4f} on all of it (stage 2: {float((stage2_map - true_map)[seen & hair].abs().mean()):.3f})')
     assert (seen & inner_hair).sum() > 100
     assert error(seen & inner_hair) < 0.02 and error(seen & ~hair) < 0.02
-    # the face below the nose's tip left out of photo 0: photo 1 alone paints it; left out of both, it keeps stage 2's
+    # the face below the nose's tip left out of photo 0: photo 1 alone paints it; left out of both, stage 2's is the prior
     lower = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     lower[int(scene.landmarks(truth, scene.vertices(truth))[:, 30, 1].max()) + 1:] = True
     from_one = fitting.delit_diffuse(scene, skin, dataclasses.replace(targets, left_out=[lower, torch.zeros_like(lower)]))[0]
@@ -354,15 +355,21 @@ def test_the_delit_map_of_the_true_fit_is_the_true_map(small_bfm, render_device)
     below = seen & textures_at(lower.numpy(), scene.texel_view(truth, 0, scene.vertices(truth)[0]), scene) \
         & textures_at(lower.numpy(), scene.texel_view(truth, 1, scene.vertices(truth)[1]), scene)
     below = torch.from_numpy(scipy.ndimage.binary_erosion(below.numpy(), iterations=3))
+    # left out of both: three fill lengths (DELIT_FILL) from the texels above the line, nothing of their colour
+    painted = seen & ~textures_at(lower.numpy(), scene.texel_view(truth, 0, scene.vertices(truth)[0]), scene) \
+        & ~textures_at(lower.numpy(), scene.texel_view(truth, 1, scene.vertices(truth)[1]), scene)
+    deep = below & torch.from_numpy(scipy.ndimage.distance_transform_edt(~painted.numpy())
+                                    > 3 * fitting.DELIT_FILL * scene.resolution)
     print(f'below the left-out line: photo 1 alone {float((from_one - true_map)[below & inner_hair].abs().mean()):.4f} off '
-          f'on the hair; left out of both, {float((from_none - stage2_map)[below].abs().max()):.2g} from stage 2')
-    assert (below & inner_hair).sum() > 50
+          f'on the hair; left out of both, three fill lengths deep {float((from_none - stage2_map)[deep].abs().max()):.3f} '
+          f'from stage 2 ({int(deep.sum())} texels)')
+    assert (below & inner_hair).sum() > 50 and deep.sum() > 50
     assert float((from_one - true_map)[below & inner_hair].abs().mean()) < 0.03
-    assert torch.allclose(from_none[below], stage2_map[below], atol=1e-4)
+    assert float((from_none - stage2_map)[deep].abs().max()) < 0.02
 
 
-def bearded(small_bfm, render_device, turns: tuple) -> dict:
-    """A shared identity with a dark beard (the mean face's vertices within 12 mm of landmarks 6,
+def bearded(small_bfm, render_device, turns: tuple, radius: float = 12.0) -> dict:
+    """A shared identity with a dark beard (the mean face's vertices within ``radius`` mm of landmarks 6,
     8, 10 and 57) seen turned by each of ``turns``: its Pipeline, the true parameters, the
     photos, the renders of the face without the beard (what a fit that left it out explains)
     and each photo's beard pixels (dilated by one: their blurred edge)."""
@@ -370,7 +377,7 @@ def bearded(small_bfm, render_device, turns: tuple) -> dict:
     truth, scene = turned_views(with_one_skin_colour(model), cfg, turns)
     truth.sh[:, :4] = torch.tensor([2.2, -0.8, 0.7, 0.6])[:, None]
     points = model.landmark_points(model.mean_shape[None])[0]
-    texels = scene.vertex_texture((torch.cdist(model.mean_shape, points[[6, 8, 10, 57]]) < 12.0).any(1)[:, None].float())[..., 0] > 0.5
+    texels = scene.vertex_texture((torch.cdist(model.mean_shape, points[[6, 8, 10, 57]]) < radius).any(1)[:, None].float())[..., 0] > 0.5
     skin = truth.detached()
     diffuse, specular, roughness = scene.maps(truth, 0)
     truth.diffuse_map = torch.where(texels[..., None], torch.tensor([0.04, 0.03, 0.02]), diffuse)[None]
@@ -384,6 +391,32 @@ def bearded(small_bfm, render_device, turns: tuple) -> dict:
         textures.pixels_of((texels & view['visible']).numpy(), view['pixels'].numpy(), (SIZE, SIZE)))) for view in views]
     return dict(scene=scene, truth=truth, photos=photos, rendered=rendered, beard_pixels=beard_pixels,
                 landmarks=scene.landmarks(truth, vertices))
+
+
+def test_a_small_left_out_patch_takes_the_colour_around_it(small_bfm, render_device):
+    """One photo of a face with a dark beard, for a model with one skin colour (as ICT-FaceKit), a
+    disc in the middle of the beard left out (stubble that the face model cannot explain): the
+    delit map behind the disc continues the beard around it instead of keeping the stage-2 skin
+    colour (measured: 0.043 off the true beard, 0.297 for the skin colour; a disc of 6 px instead
+    of 4, 0.076)."""
+    face = bearded(small_bfm, render_device, (0.0,), radius=20.0)
+    scene, truth = face['scene'], face['truth']
+    depth = scipy.ndimage.distance_transform_edt(face['beard_pixels'][0].numpy())  # px from the beard's edge
+    row, column = np.unravel_index(depth.argmax(), depth.shape)
+    patch = disc((column + 0.5, row + 0.5), 4.0)
+    skin = truth.detached()
+    skin.diffuse_map = None  # what stage 2 leaves: one skin colour
+    targets = fitting.Targets(landmarks=None, landmark_weights=None, sizes=scene.sizes, centres=scene.centres,
+                              photos=face['photos'], left_out=[patch])
+    delit = fitting.delit_diffuse(scene, skin, targets)[0]
+    behind = seen_texels(scene, truth, 0) & textures_at(patch.numpy(), scene.texel_view(truth, 0, scene.vertices(truth)[0]), scene)
+    true_map, stage2_map = truth.diffuse_map[0], scene.maps(skin, 0)[0]
+    error = lambda texture: float((texture - true_map)[behind].abs().mean())
+    print(f'behind the left-out disc ({int(behind.sum())} texels): {error(delit):.3f} off the true beard, '
+          f'the stage-2 skin colour {error(stage2_map):.3f}')
+    print(f'the beard is {depth.max():.1f} px deep there')
+    assert behind.sum() > 50 and face['beard_pixels'][0][patch].all()
+    assert error(delit) < error(stage2_map) / 3
 
 
 def disc(centre, radius: float) -> torch.Tensor:

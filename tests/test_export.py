@@ -169,6 +169,24 @@ def test_left_out_pixels_are_read_where_each_texel_lands():
     assert textures.at_pixels(mask, pixels.reshape(7, 1, 2)).shape == (7, 1)
 
 
+def test_a_continued_offset_fills_small_holes_and_fades_in_large_ones():
+    """``textures.continued_offset`` on a map whose known texels hold a ramp: they keep their
+    values; a hole of 8 texels (length 16) takes the values around it; 40 texels into a large
+    unknown region (2.5 lengths) about nothing is left."""
+    offset = np.zeros((128, 128, 2), np.float32)
+    offset[..., 0] = np.linspace(0.2, 0.4, 128)[None, :]
+    offset[..., 1] = -0.3
+    known = np.ones((128, 128), bool)
+    known[60:68, 60:68] = False   # a small hole
+    known[:, 88:] = False         # a large region on the right
+    continued = textures.continued_offset(offset, known, 16.0)
+    assert np.array_equal(continued[known], offset[known])
+    hole = continued[60:68, 60:68]
+    assert np.abs(hole - offset[60:68, 60:68]).max() < 0.02  # the ramp's own value there, to within its slope
+    assert np.abs(continued[:, 88]).min() > 0.1 and np.abs(continued[:, 128 - 1]).max() < 0.01
+    assert np.abs(continued[:, 88:]).max() <= 0.4 + 1e-6  # a mean of known values: never beyond them
+
+
 def test_seam_splitting_keeps_the_vertex_order():
     faces = np.array([[0, 1, 2], [2, 1, 3]])
     uv_faces = np.array([[0, 1, 2], [4, 1, 3]])  # vertex 2 has UV 2 in one triangle, UV 4 in the other
