@@ -343,9 +343,9 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
     ``loss_terms(iteration)`` (a dict of weighted terms by name) -> history: the terms and the
     seconds of each step; a group's steps shrink as ``learning_rate_factor`` says, or stay as
     they are where it has ``decay=False``. ``project()`` puts the parameters back into their
-    bounds after each step. A non-finite loss puts back the last good values and halves the steps; it fails the
-    image after five in a row. ``on_step(iteration, terms)`` runs after every step (it may raise
-    to stop the fit)."""
+    bounds after each step. A non-finite loss puts back the last good values and halves the
+    steps; it fails the image after five in a row. ``on_step(iteration, terms)`` runs after
+    every step (it may raise to stop the fit)."""
     # fused: one kernel a tensor, without the temporaries of the plain update (several maps a stage-3 step)
     adam = torch.optim.Adam(groups, fused=True)
     base_rates = [group['lr'] for group in adam.param_groups]
@@ -356,7 +356,8 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
     for iteration in progress:
         start = time.perf_counter()
         for group, rate in zip(adam.param_groups, base_rates):
-            group['lr'] = rate * nan_scale * (learning_rate_factor(iteration, iterations) if group.get('decay', True) else 1.0)
+            shrink = learning_rate_factor(iteration, iterations) if group.get('decay', True) else 1.0
+            group['lr'] = rate * nan_scale * shrink
         adam.zero_grad()
         terms = loss_terms(iteration)
         loss = sum(terms.values())
@@ -1003,10 +1004,9 @@ DELIT_SPP, DELIT_PRIOR, DELIT_MAX_GAIN = 64, 0.05, 2.0
 # the prior's) are not held at the stage-2 map: its difference from the map of the texels around
 # them continues into them (``textures.continued_offset``: from the texels nearest around, in
 # full where at least half of a Gaussian of σ = DELIT_FILL of the map's width lies on known
-# texels). A small left-out patch takes its surroundings' colour: stubble
-# that the face model cannot explain is left out, and a spot of it in the middle of the chin
-# (obama3.jpg) stayed the one skin colour of ICT-FaceKit's stage 2, a bright patch in the painted
-# stubble. A large one (a hand, the hidden side of the head) keeps the stage-2 map away from its
+# texels). A small left-out patch takes its surroundings' colour: stubble that the face model
+# cannot explain is left out, and a spot of it in the middle of the chin (obama3.jpg) stayed the
+# one skin colour of ICT-FaceKit's stage 2, a bright patch in the painted stubble. A large one (a hand, the hidden side of the head) keeps the stage-2 map away from its
 # border. On a synthetic bearded face, a disc left out in the beard: 1/16 0.043 off the beard's
 # colour, 1/32 0.130 (the skin colour 0.297; tests/test_appearance.py).
 DELIT_FILL = 1 / 16
