@@ -1000,15 +1000,17 @@ WITHOUT_ALBEDO_MODEL = dict(diffuse_consistency_scale=0.01, specular_rate_scale=
 # overhangs the real one and light the SH model cannot express, not skin (on 32bit.png 95% of
 # the texels are under 1.7 / 2.0 / 2.4 times the skin colour in red / green / blue).
 DELIT_SPP, DELIT_PRIOR, DELIT_MAX_GAIN = 64, 0.05, 2.0
-# Texels that the photos show too little (left out, hidden, at grazing angles: their weight under
-# the prior's) are not held at the stage-2 map: its difference from the map of the texels around
+# Texels that the photos show too little (left out, at grazing angles: their weight under the
+# prior's) are not held at the stage-2 map: its difference from the map of the texels around
 # them continues into them (``textures.continued_offset``: from the texels nearest around, in
 # full where at least half of a Gaussian of σ = DELIT_FILL of the map's width lies on known
 # texels). A small left-out patch takes its surroundings' colour: stubble that the face model
 # cannot explain is left out, and a spot of it in the middle of the chin (obama3.jpg) stayed the
-# one skin colour of ICT-FaceKit's stage 2, a bright patch in the painted stubble. A large one (a hand, the hidden side of the head) keeps the stage-2 map away from its
-# border. On a synthetic bearded face, a disc left out in the beard: 1/16 0.043 off the beard's
-# colour, 1/32 0.130 (the skin colour 0.297; tests/test_appearance.py).
+# one skin colour of ICT-FaceKit's stage 2, a bright patch in the painted stubble. A large one
+# (a hand) keeps the stage-2 map away from its border, and so does what no camera shows (the
+# exported head's skin beyond the fitted area fades into the stage-2 level: no seam there). On a
+# synthetic bearded face, a disc left out in the beard: 1/16 0.043 off the beard's colour, 1/32
+# 0.130 (the skin colour 0.297; tests/test_appearance.py).
 DELIT_FILL = 1 / 16
 
 
@@ -1020,8 +1022,9 @@ def delit_diffuse(pipeline: Pipeline, params: SceneParameters, targets: Targets)
     render of a white diffuse surface and S that of the specular map alone at the texel's pixel,
     weighted (w) as the photo map weighs its pixels (visible, facing the camera, not left out),
     with the stage-2 map D₂ as a prior of weight λ = DELIT_PRIOR · median(E²) over the face:
-    D = (Σ w·E·(photo − S) + λ·D₂) / (Σ w·E² + λ), at most DELIT_MAX_GAIN · D₂; where Σ w·E² < λ,
-    D − D₂ continues that of the texels around (DELIT_FILL)."""
+    D = (Σ w·E·(photo − S) + λ·D₂) / (Σ w·E² + λ), at most DELIT_MAX_GAIN · D₂; where Σ w·E² < λ
+    but a camera shows the texel (through a left-out pixel, at a grazing angle), D − D₂ continues
+    that of the texels around (DELIT_FILL)."""
     maps = [pipeline.maps(params, k) for k in range(params.identity.shape[0])]
     sums = [[] for _ in maps]  # per identity, per image: (w·E·(photo − S), w·E², E² over the face's pixels)
     with torch.no_grad():
@@ -1035,35 +1038,50 @@ def delit_diffuse(pipeline: Pipeline, params: SceneParameters, targets: Targets)
                 render(torch.zeros_like(diffuse), specular, 2)[..., :3]
             # a texel's bilinear lookup must not reach the background or a left-out pixel
             usable = scipy.ndimage.binary_erosion(((white[..., 3] > 0.99) & (targets.pixel_weights(row) > 0)).numpy())
-            (shading, target), weights = texel_samples(pipeline, params, row, vertices[row], usable,
-                                                       [white[..., :3], photo - glossy])
+            (shading, target), weights, in_view = texel_samples(pipeline, params, row, vertices[row], usable,
+                                                                [white[..., :3], photo - glossy])
             sums[params.identity_row(row)].append((weights * shading * target, weights * shading ** 2,
-                                                   white[..., :3][torch.from_numpy(usable)] ** 2))
+                                                   white[..., :3][torch.from_numpy(usable)] ** 2, in_view))
     delit = []
     for (stage2, _, _), images in zip(maps, sums):
         numerator, denominator = sum(image[0] for image in images), sum(image[1] for image in images)
         prior = DELIT_PRIOR * torch.cat([image[2] for image in images]).median(0).values  # [3]
         stage2 = stage2.detach()
         solved = (numerator + prior * stage2) / (denominator + prior)
-        known = (denominator >= prior).all(-1)  # the photos weigh more than the prior: see DELIT_FILL
-        offset = textures.continued_offset((solved - stage2).numpy(), known.numpy(), DELIT_FILL * stage2.shape[0])
+        known = (denominator >= prior).all(-1).numpy()  # the photos outweigh the prior: see DELIT_FILL
+        offset = textures.continued_offset((solved - stage2).numpy(), known, DELIT_FILL * stage2.shape[0])
+        reach = fill_reach(pipeline, np.logical_or.reduce([image[3] for image in images]))
+        offset = np.where(known[..., None], offset, reach * offset)
         delit.append(torch.minimum(stage2 + torch.from_numpy(offset), DELIT_MAX_GAIN * stage2).clamp(0, 1))
     return torch.stack(delit)
+
+
+def fill_reach(pipeline: Pipeline, in_view: np.ndarray) -> np.ndarray:
+    """How much of the continued colour each texel takes [res, res, 1] (``delit_diffuse``): none
+    where no camera shows it (``in_view`` [res, res] bool: it keeps the stage-2 map), nor within
+    textures.SKIN_FEATHER of the fitted area's border, rising to all of it at twice that, so that
+    the exported head's skin, which fades into the stage-2 level over that band, shows no seam."""
+    inside = pipeline.texels(in_view.shape[0])[1]
+    feather = textures.SKIN_FEATHER * in_view.shape[0]
+    ramp = np.clip(scipy.ndimage.distance_transform_edt(inside) / feather - 1, 0, 1)
+    return (ramp * in_view)[..., None].astype(np.float32)
 
 
 def texel_samples(pipeline: Pipeline, params: SceneParameters, row: int, vertices: torch.Tensor, usable: np.ndarray,
                   images: list) -> tuple:
     """Images [h, w, 3] of image row ``row`` looked up (bilinear) at the pixel of each texel of
     the fitted maps -> ([res, res, 3] per image, weights [res, res, 1]: ``textures.photo_weights``
-    of the texels seen from the camera whose pixel is ``usable`` [h, w] bool)."""
+    of the texels seen from the camera whose pixel is ``usable`` [h, w] bool, the texels that
+    the camera shows whatever their pixel [res, res] bool)."""
     resolution = pipeline.resolution
     view = pipeline.texel_view(params, row, vertices, resolution)
     pixels = view['pixels'].numpy()
     samples = [torch.from_numpy(textures.sample_image(image.numpy(), pixels.reshape(-1, 2))).reshape(resolution, resolution, 3)
                for image in images]
-    weights = textures.photo_weights(view['facing'].numpy(), view['visible'].numpy(), textures.at_pixels(usable, pixels),
-                                     pipeline.texels(resolution)[1])
-    return samples, torch.from_numpy(weights)[..., None]
+    facing, visible, inside = view['facing'].numpy(), view['visible'].numpy(), pipeline.texels(resolution)[1]
+    weights = textures.photo_weights(facing, visible, textures.at_pixels(usable, pixels), inside)
+    in_view = textures.photo_weights(facing, visible, np.ones_like(inside), inside) > 0
+    return samples, torch.from_numpy(weights)[..., None], in_view
 
 
 def texture_regularizer(texture: torch.Tensor, reference: torch.Tensor, weights: tuple) -> torch.Tensor:
