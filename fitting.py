@@ -862,8 +862,9 @@ def left_out_share(pipeline: Pipeline, params: SceneParameters, targets: Targets
 # 2.34, 2.80 / 2.26 mm; with earlier runs 2.79-3.12 mm (five, mean 2.91) against 2.26-2.95 mm
 # (six, mean 2.57). But whole steps for the pose, light and albedo too jittered them:
 # benchmark.py 1.34x / 1.27x the truth's photometric error, landmarks 0.34 / 0.26 px (two runs),
-# so those still shrink; with the geometry alone whole 1.19x / 1.15x, 2.53 / 2.42 mm, 0.21 /
-# 0.23 px (before: 1.15-1.26x, 2.59-3.03 mm, 0.15-0.19 px over four runs).
+# so those still shrink; with the geometry alone whole 1.15-1.305x (mean 1.23x), 2.42-2.92 mm
+# (mean 2.66), 0.21-0.27 px over four runs (before: 1.15-1.26x, mean 1.19x, 2.59-3.03 mm, mean
+# 2.77, 0.15-0.19 px over four).
 STAGE2_RATES = dict(geometry=0.05, albedo=0.02, rotation=0.002, translation=0.5, light=0.001)
 # The photometric steps on a clip's frames: pose and expression near the landmark fit.
 REFINE_RATES = dict(expression=0.02, rotation=0.002, translation=0.5)
@@ -1061,9 +1062,7 @@ def fill_reach(pipeline: Pipeline, in_view: np.ndarray) -> np.ndarray:
     where no camera shows it (``in_view`` [res, res] bool: it keeps the stage-2 map), nor within
     textures.SKIN_FEATHER of the fitted area's border, rising to all of it at twice that, so that
     the exported head's skin, which fades into the stage-2 level over that band, shows no seam."""
-    inside = pipeline.texels(in_view.shape[0])[1]
-    feather = textures.SKIN_FEATHER * in_view.shape[0]
-    ramp = np.clip(scipy.ndimage.distance_transform_edt(inside) / feather - 1, 0, 1)
+    ramp = np.clip(textures.feather_depth(pipeline.texels(in_view.shape[0])[1]) - 1, 0, 1)
     return (ramp * in_view)[..., None].astype(np.float32)
 
 

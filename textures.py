@@ -58,9 +58,15 @@ def skin_level(texture: np.ndarray, inside: np.ndarray) -> np.ndarray:
 def extend_skin(texture: np.ndarray, inside: np.ndarray, level: np.ndarray) -> np.ndarray:
     """A map [res, res, c] whose fitted area keeps its values, fading over SKIN_FEATHER into
     ``level`` [c] at its border, and whose other texels (the rest of the head) are ``level``."""
-    feather = max(SKIN_FEATHER * inside.shape[0], 1.0)
-    weight = np.clip(scipy.ndimage.distance_transform_edt(inside) / feather, 0, 1)[..., None]
+    weight = np.clip(feather_depth(inside), 0, 1)[..., None]
     return (weight * texture + (1 - weight) * level).astype(np.float32)
+
+
+def feather_depth(inside: np.ndarray) -> np.ndarray:
+    """Each texel's distance [res, res] into the fitted area ``inside`` [res, res] bool, in
+    widths of the band (SKIN_FEATHER of the map) over which the exported skin fades into its
+    level: 0 outside, 1 where the fitted map is exported unblended."""
+    return scipy.ndimage.distance_transform_edt(inside) / max(SKIN_FEATHER * inside.shape[0], 1.0)
 
 
 def continued_offset(offset: np.ndarray, known: np.ndarray, length: float) -> np.ndarray:
