@@ -686,8 +686,14 @@ def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targe
 # (obama_partial_face.jpg's temple). There a mark counts in groups of OUTLINE_MIN_PIXELS touching
 # pixels, not opened as elsewhere: a rim light along the cheek is a strip 1-3 px wide, which the
 # opening took away, and stage 3 painted it into the diffuse map as a pale streak (32bit.png).
+# Pixels there whose hue is further than OUTLINE_HUE from the render's (``hue_distance``) count
+# too, however small their residual, unless darker than OUTLINE_HUE_FLOOR times the render (a dark
+# pixel's hue is noise): a red flag behind the jaw of 32bit.png, as dark as the skin on average,
+# went into the diffuse map as a red streak. A shadow on the skin keeps the skin's hue and stays.
 OUTLIER_FLOOR, OUTLIER_MIN_AREA, OUTLIER_GROW, OUTLIER_MAX_SHARE = 0.03, 0.02, 2, 0.4
-OUTLINE_BAND, OUTLINE_MIN_PIXELS = 0.04, 4
+OUTLINE_BAND, OUTLINE_MIN_PIXELS, OUTLINE_HUE, OUTLINE_HUE_FLOOR = 0.04, 4, 1.0, 0.3
+# Linear colour added before taking logarithms of a hue (``hue_distance``).
+HUE_EPSILON = 0.01
 
 
 def outline_band(face: np.ndarray) -> np.ndarray:
@@ -696,6 +702,21 @@ def outline_band(face: np.ndarray) -> np.ndarray:
     width = max(1, round(OUTLINE_BAND * (rows[-1] - rows[0] + 1))) if len(rows) else 1
     # the image's border is no outline: a face the photo cuts off goes on beyond it
     return face & ~scipy.ndimage.binary_erosion(scipy.ndimage.binary_fill_holes(face), iterations=width, border_value=1)
+
+
+def touching_groups(marks: np.ndarray) -> np.ndarray:
+    """The ``marks`` [h, w] bool in groups of at least OUTLINE_MIN_PIXELS touching pixels."""
+    groups, count = scipy.ndimage.label(marks, structure=np.ones((3, 3)))
+    large = np.bincount(groups.ravel(), minlength=count + 1) >= OUTLINE_MIN_PIXELS
+    large[0] = False
+    return large[groups]
+
+
+def hue_distance(photo: np.ndarray, render: np.ndarray) -> np.ndarray:
+    """How far apart the hues of two images [h, w, 3] (linear) are, per pixel [h, w]: the L1
+    distance of their log chromaticities (log R/G, log B/G); 0 for one colour at two brightnesses."""
+    chromaticity = lambda image: np.log(image + HUE_EPSILON)[..., [0, 2]] - np.log(image[..., 1:2] + HUE_EPSILON)
+    return np.abs(chromaticity(photo) - chromaticity(render)).sum(-1)
 
 
 def hysteresis(seeds: np.ndarray, weak: np.ndarray) -> np.ndarray:
@@ -709,7 +730,8 @@ def unexplained_pixels(rendered: torch.Tensor, photo: torch.Tensor, threshold: f
     [h, w, 3] (see OUTLIER_FLOOR above; ``outline``: with the outline band's rule)."""
     alpha = rendered[..., 3].cpu().numpy()
     face = alpha > 0.99
-    difference = (photo - rendered[..., :3]).cpu().numpy()  # [h, w, 3]
+    seen, explained = photo.cpu().numpy(), rendered[..., :3].cpu().numpy()  # [h, w, 3]
+    difference = seen - explained
     residual = np.abs(difference).mean(-1)
     none = torch.zeros(alpha.shape, dtype=torch.bool)
     if face.sum() < MIN_SOLVE_PIXELS:
@@ -724,12 +746,11 @@ def unexplained_pixels(rendered: torch.Tensor, photo: torch.Tensor, threshold: f
     reached = hysteresis(seeds, weak)
     overhang = np.zeros_like(face)
     if outline:
-        brighter = difference.mean(-1) > 0
-        marked, count = scipy.ndimage.label(face & (residual > level) & brighter & outline_band(face),
-                                            structure=np.ones((3, 3)))
-        grouped = np.bincount(marked.ravel(), minlength=count + 1) >= OUTLINE_MIN_PIXELS
-        grouped[0] = False
-        overhang = hysteresis(grouped[marked], weak & brighter)
+        band, brighter = outline_band(face), difference.mean(-1) > 0
+        unlike_skin = band & (hue_distance(seen, explained) > OUTLINE_HUE) & (
+            seen.mean(-1) > OUTLINE_HUE_FLOOR * explained.mean(-1))
+        overhang = hysteresis(touching_groups(face & (residual > level) & brighter & band), weak & brighter)
+        overhang |= touching_groups(unlike_skin)
     outliers = scipy.ndimage.binary_dilation(seeds | reached | overhang, iterations=OUTLIER_GROW) & (alpha > 0)
     if outliers.sum() > OUTLIER_MAX_SHARE * face.sum():
         return none

@@ -574,28 +574,34 @@ def test_where_the_face_overhangs_its_outline_the_background_is_left_out():
     assert not left_out[brow].any() and not left_out[spot].any() and not left_out[lashes].any()
 
 
-def test_a_thin_rim_light_along_the_outline_is_left_out_and_a_bright_speck_stays():
-    """The rendered face (an ellipse) over a photo in which a rim light brightens a strip 2 px
-    wide along the left cheek's outline (light the SH model cannot express, which stage 3 painted
-    into the diffuse map as a pale streak), and a 2 px speck (a highlight) lies at the outline
-    too: the strip is left out, though too thin to survive an opening, the speck stays in."""
+def test_at_the_outline_a_thin_rim_light_and_a_colour_unlike_skin_go_and_a_shadow_and_a_speck_stay():
+    """The rendered face (an ellipse) over a photo in which, along the outline, a rim light
+    brightens a strip 2 px wide on the left cheek (light the SH model cannot express, which stage
+    3 painted into the diffuse map as a pale streak), a red background shows where the fitted jaw
+    overhangs it (no brighter than the skin: a red streak in the map), a shadow darkens the skin
+    to half, and a 2 px speck (a highlight) is bright: the strip and the red go, though too thin
+    to survive an opening and the red is no brighter, the shadow and the speck stay."""
     size = 160
     yy, xx = np.mgrid[:size, :size] + 0.5
     face = ((xx - 80) / 50) ** 2 + ((yy - 80) / 70) ** 2 < 1
+    skin = torch.tensor([0.45, 0.3, 0.22])
     rendered = torch.zeros(size, size, 4)
-    rendered[..., :3] = torch.tensor([0.45, 0.3, 0.22])
+    rendered[..., :3] = skin
     rendered[..., 3] = torch.from_numpy(face).float()
     photo = rendered[..., :3] + 0.01 * torch.from_numpy(np.random.default_rng(1).standard_normal((size, size, 3))).float()
-    strip = face & ~scipy.ndimage.binary_erosion(face, iterations=2) & (xx < 60) & (abs(yy - 80) < 35)
+    rim = face & ~scipy.ndimage.binary_erosion(face, iterations=2)
+    strip, red, shadow = rim & (xx < 60) & (abs(yy - 80) < 35), rim & (yy > 120) & (xx < 80), rim & (yy > 120) & (xx > 85)
     speck = np.zeros_like(face)
-    speck[79:81, 128] = True  # right-hand outline: x from 129.5 - 0.5 inward
+    speck[79:81, 128] = True  # on the right-hand outline
     speck &= face
-    photo[torch.from_numpy(strip)] = 0.8
-    photo[torch.from_numpy(speck)] = 0.8
-    assert strip.sum() > 50 and speck.sum() == 2
+    for region, colour in ((strip, torch.tensor(0.8)), (speck, torch.tensor(0.8)), (red, torch.tensor([0.6, 0.03, 0.04])),
+                           (shadow, 0.5 * skin)):
+        photo[torch.from_numpy(region)] = colour
+    assert strip.sum() > 50 and speck.sum() == 2 and min(red.sum(), shadow.sum()) > 30
     assert not scipy.ndimage.binary_opening(strip).any()  # what the rule for large regions keeps of it: nothing
+    assert photo[torch.from_numpy(red)].mean() < skin.mean()  # no brighter: the rule for bright marks passes it by
     left_out = fitting.unexplained_pixels(rendered, photo, 4.0).numpy()
-    print(f'strip {strip.sum()} px, {left_out[strip].mean():.0%} left out; speck {left_out[speck].mean():.0%}; '
-          f'{left_out.sum()} px in all')
-    assert left_out[strip].all()
-    assert not left_out[speck].any()
+    print(f'strip {strip.sum()} px, {left_out[strip].mean():.0%} left out; red {left_out[red].mean():.0%}; shadow '
+          f'{left_out[shadow].mean():.0%}; speck {left_out[speck].mean():.0%}; {left_out.sum()} px in all')
+    assert left_out[strip].all() and left_out[red].all()
+    assert not left_out[speck].any() and not left_out[shadow].any()
