@@ -678,16 +678,16 @@ def solve_appearance(pipeline: Pipeline, params: SceneParameters, targets: Targe
 # OUTLIER_MAX_SHARE of the face would go, the fit itself is off, not the photo: nothing is left out.
 # Within OUTLINE_BAND of the face's height of its outline, a marked pixel counts whatever the size
 # of its region: there the fitted face overhangs the real one (a jaw over a white collar, a cheek
-# over the background, on biden.jpg a strip of 1-2% of the face) and the stage-3 and photo maps
-# had painted collar and background under the chin. A hole's rim (an eye's lashes) is no outline,
-# nor is the image's border. Only brighter pixels count there: dark ones at the outline are as
+# over the background, on biden.jpg a strip of 1-2% of the face) and the stage-3 and photo maps had
+# painted collar and background under the chin. A hole's rim (an eye's lashes) is no outline, nor is
+# the image's border. Of the marks there only brighter ones count: dark ones at the outline are as
 # often a brow's end or hair, which stage 3 should paint (32bit.png lost a brow). And only after
 # stage 2: the start's light (bands 0-2) leaves rim-lit skin at the outline brighter than the face
 # (obama_partial_face.jpg's temple). There a mark counts in groups of OUTLINE_MIN_PIXELS touching
 # pixels, not opened as elsewhere: a rim light along the cheek is a strip 1-3 px wide, which the
 # opening took away, and stage 3 painted it into the diffuse map as a pale streak (32bit.png).
-# Pixels there whose hue is further than OUTLINE_HUE from the render's (``hue_distance``) count
-# too, however small their residual, unless darker than OUTLINE_HUE_FLOOR times the render (a dark
+# Pixels there whose hue is further than OUTLINE_HUE from the render's (``hue_distance``) count too,
+# however small their residual, unless darker than OUTLINE_HUE_FLOOR times the render (a dark
 # pixel's hue is noise): a red flag behind the jaw of 32bit.png, as dark as the skin on average,
 # went into the diffuse map as a red streak. A shadow on the skin keeps the skin's hue and stays.
 OUTLIER_FLOOR, OUTLIER_MIN_AREA, OUTLIER_GROW, OUTLIER_MAX_SHARE = 0.03, 0.02, 2, 0.4
