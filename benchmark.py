@@ -21,10 +21,13 @@ by least squares reach on the start's geometry and on the true one, and how alik
 gradients of independent renders are) instead of fitting; ``--video N ...`` the speed of
 finding and tracking the face in 640x360 clips of N frames, and
 the peak memory of each; ``--cluster N`` the images per hour of a batch of N photos fitted here
-one by one and on a local Ray cluster with 1 and 2 workers, and the overhead per image.
+one by one and on a local Ray cluster with 1 and 2 workers, and the overhead per image;
+``--detector N`` the vertex error that stages 1 and 2 reach on N ICT-FaceKit faces of known
+shape from MediaPipe's landmarks of their render and from the model's own.
 """
 import argparse
 import cProfile
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -317,6 +320,83 @@ def print_profile(profile: cProfile.Profile, stages_seconds: float) -> None:
               f'{os.path.basename(file)}:{line} {name}')
 
 
+# The albedo of the faces that a landmark detector sees (``drawn_albedo``), linear colour.
+DRAWN_SKIN, DRAWN_LIPS, DRAWN_BROW_DARKENING = (0.45, 0.30, 0.22), (0.42, 0.12, 0.12), 0.85
+
+
+def drawn_albedo(model, resolution: int) -> torch.Tensor:
+    """A diffuse map [res, res, 3] with what a landmark detector looks for and no shading in it:
+    one skin colour with a little mottling, dark brows drawn through the model's brow landmarks
+    (iBUG 17-26) and red lips filled inside its outer lip (48-59), in UV (row 0 at v = 1). A map
+    painted from a photo by a fit would carry that photo's shading and that fit's registration."""
+    import scipy.ndimage
+    from PIL import Image, ImageDraw
+    uv_of_vertex = dict(zip(model.faces.reshape(-1).tolist(), model.uv_faces.reshape(-1).tolist()))
+
+    def texel(k: int) -> tuple:
+        u, v = model.uvs[uv_of_vertex[int(model.landmark_vertices[k, 0])]].tolist()
+        return u * resolution, (1 - v) * resolution
+
+    def drawn(draw) -> np.ndarray:
+        canvas = Image.new('L', (resolution, resolution), 0)
+        draw(ImageDraw.Draw(canvas))
+        return scipy.ndimage.gaussian_filter(np.asarray(canvas, np.float64) / 255, resolution / 256)[..., None]
+    brows = drawn(lambda d: [d.line([texel(k) for k in side], fill=255, width=resolution // 50)
+                             for side in (range(17, 22), range(22, 27))])
+    lips = drawn(lambda d: d.polygon([texel(k) for k in range(48, 60)], fill=255))
+    mottling = scipy.ndimage.gaussian_filter(np.random.default_rng(5).standard_normal((resolution, resolution)), 3)
+    skin = np.array(DRAWN_SKIN) * (1 + 0.05 * mottling / mottling.std())[..., None]
+    albedo = skin * (1 - DRAWN_BROW_DARKENING * brows) * (1 - lips) + lips * np.array(DRAWN_LIPS)
+    return torch.from_numpy(albedo).float()
+
+
+def detector_problem(model, config, seed: int, yaw: float, albedo: torch.Tensor) -> tuple:
+    """A photo of an ICT-FaceKit face of known shape (identity of 0.7 sigma drawn from ``seed``,
+    turned ``yaw`` rad) with the diffuse map ``albedo`` -> (FitImage with the model's own
+    landmarks, its Pipeline, true camera-space vertices [verts, 3])."""
+    size = config.maxResolution
+    truth = pipeline.SceneParameters.zeros(model, 1, 1, config.bands)
+    truth.identity = 0.7 * torch.randn(1, model.n_shape, generator=torch.Generator().manual_seed(seed))
+    truth.rotation, truth.translation = torch.tensor([[0.05, yaw, 0.0]]), torch.tensor([[0.0, 10.0, 900.0]])
+    truth.focal = torch.tensor([size * 3.0])
+    truth.sh[0, 0], truth.sh[0, 1], truth.sh[0, 2] = 2.5, 0.3, 0.6
+    truth.diffuse_map = albedo[None]
+    truth.specular_map = torch.full_like(truth.diffuse_map, 0.2)
+    truth.roughness_map = torch.full((*truth.diffuse_map.shape[:3], 1), pipeline.INITIAL_ROUGHNESS)
+    image, scene, _, vertices = synthetic.synthetic_photo(model, truth, config, size, background=0.2)
+    return image, scene, vertices
+
+
+def compare_landmark_sources(config, faces: int) -> None:
+    """Stages 1 and 2 on ``faces`` ICT-FaceKit faces of known shape (``detector_problem``, yaw 0,
+    0.3 and 0.5 rad in turn), from MediaPipe's landmarks of each render and from the model's own:
+    how far MediaPipe's points lie from the model's, and the vertex error after each stage."""
+    import landmarks
+    model = modelFiles.load_model(config)
+    detector = landmarks.MediapipeDetector()
+    albedo = drawn_albedo(model, pipeline.fitted_texture_resolution(config))
+    print(f'ICT-FaceKit, {config.maxResolution} px, stage-2 landmark weight {config.weightLandmarksLossStep2}')
+    print(f'{"face":<16} {"landmarks":<10} {"off own px":>10} {"stage 1 mm":>11} {"stage 2 mm":>11} {"photometric":>12}')
+    for face in range(faces):
+        yaw = (0.0, 0.3, 0.5)[face % 3]
+        image, scene, true_vertices = detector_problem(model, config, face, yaw, albedo)
+        found, _ = detector.detect((image.pixels * 255).round().astype(np.uint8))
+        if found is None:
+            print(f'seed {face}, yaw {yaw}: MediaPipe found no face')
+            continue
+        usable = model.landmark_usable.numpy()
+        for source, points in (('own', image.landmarks), ('MediaPipe', found)):
+            targets = fitting.Targets.of(model, [dataclasses.replace(image, landmarks=points)])
+            params, _ = fitting.fit_landmarks(model, targets, config, False)
+            error = lambda p: rigid_vertex_error(scene.vertices(p)[0].detach().numpy(), true_vertices.numpy())
+            stage1 = error(params)
+            params, targets = fitting.start_stage2(scene, params, targets)
+            params, _ = fitting.fit_stage2(scene, params, targets)
+            off = np.linalg.norm(points - image.landmarks, axis=1)[usable].mean()
+            print(f'{f"seed {face}, yaw {yaw}":<16} {source:<10} {off:>10.1f} {stage1:>11.2f} {error(params):>11.2f} '
+                  f'{fitting.photometric_error(scene, params, targets):>12.4f}', flush=True)
+
+
 def main() -> None:
     """The command line: the model, the cache and the clips go to a temporary folder, removed at
     the end (each run writes about 700 MB)."""
@@ -343,8 +423,11 @@ def main() -> None:
                         help='instead: images per hour of a batch of this many photos here and on a local Ray cluster '
                              'with 1 and 2 workers, and the overhead per image (ICT-FaceKit from --ict; --iterations '
                              'default 100 60 20)')
+    parser.add_argument('--detector', type=int, metavar='FACES',
+                        help="instead: stages 1 and 2 on this many ICT-FaceKit faces of known shape from MediaPipe's "
+                             "landmarks of their render and from the model's own (ICT-FaceKit from --ict; --set applies)")
     parser.add_argument('--ict', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'ICT-FaceKit'),
-                        help='the ICT-FaceKit folder for --video and --cluster')
+                        help='the ICT-FaceKit folder for --video, --cluster and --detector')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix='benchmark-') as folder:
         run(args, folder)
@@ -359,14 +442,17 @@ def run(args, folder: str) -> None:
     if args.cluster:
         compare_cluster_workers(folder, args.cluster, args.ict, args.iterations or [100, 60, 20])
         return
+    defaults = config_module.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'optimConfig.ini'))
+    given = dict(device=args.device, maxResolution=args.size, **config_module.parse_overrides(args.set))
+    if args.iterations:
+        given.update(iterStep1=args.iterations[0], iterStep2=args.iterations[1], iterStep3=args.iterations[2])
+    if args.detector:
+        compare_landmark_sources(defaults.replace(**{'model': 'ict', 'path': args.ict, **given}), args.detector)
+        return
     with multiprocessing.get_context('spawn').Pool(1) as pool:
         association = pool.apply(write_model, (folder,))
-    config = config_module.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'optimConfig.ini'))
-    config = config.replace(path=folder, landmarksAssociation=association, device=args.device,
-                            rtTrainingSamples=args.spp, maxResolution=args.size,
-                            **config_module.parse_overrides(args.set))
-    if args.iterations:
-        config = config.replace(iterStep1=args.iterations[0], iterStep2=args.iterations[1], iterStep3=args.iterations[2])
+    config = defaults.replace(**{'path': folder, 'landmarksAssociation': association, 'rtTrainingSamples': args.spp,
+                                 **given})
     if args.textures:
         compare_texture_resolutions(config, args, folder)
         return
