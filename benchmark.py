@@ -375,6 +375,7 @@ def compare_landmark_sources(config, faces: int) -> None:
     model = modelFiles.load_model(config)
     detector = landmarks.MediapipeDetector()
     albedo = drawn_albedo(model, pipeline.fitted_texture_resolution(config))
+    usable = model.landmark_usable.numpy()
     print(f'ICT-FaceKit, {config.maxResolution} px, stage-2 landmark weight {config.weightLandmarksLossStep2}')
     print(f'{"face":<16} {"landmarks":<10} {"off own px":>10} {"stage 1 mm":>11} {"stage 2 mm":>11} {"photometric":>12}')
     for face in range(faces):
@@ -384,11 +385,10 @@ def compare_landmark_sources(config, faces: int) -> None:
         if found is None:
             print(f'seed {face}, yaw {yaw}: MediaPipe found no face')
             continue
-        usable = model.landmark_usable.numpy()
+        error = lambda p: rigid_vertex_error(scene.vertices(p)[0].detach().numpy(), true_vertices.numpy())
         for source, points in (('own', image.landmarks), ('MediaPipe', found)):
             targets = fitting.Targets.of(model, [dataclasses.replace(image, landmarks=points)])
             params, _ = fitting.fit_landmarks(model, targets, config, False)
-            error = lambda p: rigid_vertex_error(scene.vertices(p)[0].detach().numpy(), true_vertices.numpy())
             stage1 = error(params)
             params, targets = fitting.start_stage2(scene, params, targets)
             params, _ = fitting.fit_stage2(scene, params, targets)
