@@ -704,12 +704,13 @@ def outline_band(face: np.ndarray) -> np.ndarray:
     return face & ~scipy.ndimage.binary_erosion(scipy.ndimage.binary_fill_holes(face), iterations=width, border_value=1)
 
 
-def touching_groups(marks: np.ndarray) -> np.ndarray:
-    """The ``marks`` [h, w] bool in groups of at least OUTLINE_MIN_PIXELS touching pixels."""
-    groups, count = scipy.ndimage.label(marks, structure=np.ones((3, 3)))
-    large = np.bincount(groups.ravel(), minlength=count + 1) >= OUTLINE_MIN_PIXELS
-    large[0] = False
-    return large[groups]
+def regions_of_at_least(marks: np.ndarray, pixels: float, structure: np.ndarray = None) -> np.ndarray:
+    """The ``marks`` [h, w] bool in connected regions of at least ``pixels`` pixels (connected
+    through edges, or as ``structure`` says: np.ones((3, 3)) for corners too)."""
+    regions, count = scipy.ndimage.label(marks, structure=structure)
+    large = np.bincount(regions.ravel(), minlength=count + 1) >= pixels
+    large[0] = False  # the background label
+    return large[regions]
 
 
 def hue_distance(photo: np.ndarray, render: np.ndarray) -> np.ndarray:
@@ -738,10 +739,7 @@ def unexplained_pixels(rendered: torch.Tensor, photo: torch.Tensor, threshold: f
         return none
     level = max(threshold * float(np.median(residual[face])), OUTLIER_FLOOR)
     candidates = scipy.ndimage.binary_opening(face & (residual > level))  # not single noisy pixels
-    regions, count = scipy.ndimage.label(candidates)
-    large = np.bincount(regions.ravel(), minlength=count + 1) >= OUTLIER_MIN_AREA * face.sum()
-    large[0] = False  # the background label
-    seeds = large[regions]
+    seeds = regions_of_at_least(candidates, OUTLIER_MIN_AREA * face.sum())
     weak = face & (residual > level / 2)
     reached = hysteresis(seeds, weak)
     overhang = np.zeros_like(face)
@@ -749,8 +747,10 @@ def unexplained_pixels(rendered: torch.Tensor, photo: torch.Tensor, threshold: f
         band, brighter = outline_band(face), difference.mean(-1) > 0
         unlike_skin = band & (hue_distance(seen, explained) > OUTLINE_HUE) & (
             seen.mean(-1) > OUTLINE_HUE_FLOOR * explained.mean(-1))
-        overhang = hysteresis(touching_groups(face & (residual > level) & brighter & band), weak & brighter)
-        overhang |= touching_groups(unlike_skin)
+        touching = np.ones((3, 3))
+        overhang = hysteresis(regions_of_at_least(band & (residual > level) & brighter, OUTLINE_MIN_PIXELS, touching),
+                              weak & brighter)
+        overhang |= regions_of_at_least(unlike_skin, OUTLINE_MIN_PIXELS, touching)
     outliers = scipy.ndimage.binary_dilation(seeds | reached | overhang, iterations=OUTLIER_GROW) & (alpha > 0)
     if outliers.sum() > OUTLIER_MAX_SHARE * face.sum():
         return none
