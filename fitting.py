@@ -1106,7 +1106,7 @@ def texel_samples(pipeline: Pipeline, params: SceneParameters, row: int, vertice
                for image in images]
     facing, visible, inside = view['facing'].numpy(), view['visible'].numpy(), pipeline.texels(resolution)[1]
     weights = textures.photo_weights(facing, visible, textures.at_pixels(usable, pixels), inside)
-    in_view = textures.photo_weights(facing, visible, np.ones_like(inside), inside) > 0
+    in_view = textures.photo_coverage(facing, visible, np.ones_like(inside), inside) > 0
     return samples, torch.from_numpy(weights)[..., None], in_view
 
 

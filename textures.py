@@ -144,11 +144,17 @@ def pixels_of(texels: np.ndarray, pixels: np.ndarray, shape: tuple) -> np.ndarra
     return found
 
 
+def photo_coverage(facing: np.ndarray, visible: np.ndarray, in_photo: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """How fully the photo shows each texel [res, res], in [0, 1], before ``photo_weights``
+    feathers it: visible from the camera (ray traced), inside the photo, inside the UV map, and
+    facing the camera (0 up to PHOTO_GRAZING, 1 from PHOTO_FACING)."""
+    return (visible & in_photo & inside) * smoothstep(facing, PHOTO_GRAZING, PHOTO_FACING)
+
+
 def photo_weights(facing: np.ndarray, visible: np.ndarray, in_photo: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """How much each texel [res, res] takes from the photo, in [0, 1]: visible from the camera
-    (ray traced), inside the photo, inside the UV map, and facing the camera, with a border
-    feathered over PHOTO_FEATHER that never reaches into hidden texels."""
-    weight = (visible & in_photo & inside) * smoothstep(facing, PHOTO_GRAZING, PHOTO_FACING)
+    """How much each texel [res, res] takes from the photo, in [0, 1]: its ``photo_coverage``
+    with a border feathered over PHOTO_FEATHER that never reaches into hidden texels."""
+    weight = photo_coverage(facing, visible, in_photo, inside)
     sigma = max(PHOTO_FEATHER * inside.shape[0], 0.5)
     return np.minimum(weight, scipy.ndimage.gaussian_filter(weight, sigma)).astype(np.float32)
 
