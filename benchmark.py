@@ -23,7 +23,9 @@ finding and tracking the face in 640x360 clips of N frames, and
 the peak memory of each; ``--cluster N`` the images per hour of a batch of N photos fitted here
 one by one and on a local Ray cluster with 1 and 2 workers, and the overhead per image;
 ``--detector N`` the vertex error that stages 1 and 2 reach on N ICT-FaceKit faces of known
-shape from MediaPipe's landmarks of their render and from the model's own.
+shape from MediaPipe's landmarks of their render and from the model's own; ``--calibrate N``
+fits, on N such faces of varied pose, expression and light, the table that turns MediaPipe's
+face mesh into iBUG points (``landmarks.MEDIAPIPE_TO_IBUG``) and prints it.
 """
 import argparse
 import cProfile
@@ -92,15 +94,6 @@ class OwnMemoryPeak:
         self._running = False
         self._thread.join()
         return self.peak_kb / 1024
-
-
-def rigid_vertex_error(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean distance (mm) between vertex sets [v, 3] after the best rotation and translation."""
-    a0, b0 = a - a.mean(0), b - b.mean(0)
-    u, _, vt = np.linalg.svd(a0.T @ b0)
-    d = np.sign(np.linalg.det(u @ vt))
-    rotation = u @ np.diag([1, 1, d]) @ vt
-    return float(np.linalg.norm(a0 @ rotation - b0, axis=1).mean())
 
 
 def write_model(folder: str) -> str:
@@ -320,51 +313,49 @@ def print_profile(profile: cProfile.Profile, stages_seconds: float) -> None:
               f'{os.path.basename(file)}:{line} {name}')
 
 
-# The albedo of the faces that a landmark detector sees (``drawn_albedo``), linear colour.
-DRAWN_SKIN, DRAWN_LIPS, DRAWN_BROW_DARKENING = (0.45, 0.30, 0.22), (0.42, 0.12, 0.12), 0.85
+# iBUG-68's groups, for the landmark figures
+LANDMARK_GROUPS = dict(contour=range(0, 17), brows=range(17, 27), nose=range(27, 36), eyes=range(36, 48),
+                       lips=range(48, 68))
 
 
-def drawn_albedo(model, resolution: int) -> torch.Tensor:
-    """A diffuse map [res, res, 3] with what a landmark detector looks for and no shading in it:
-    one skin colour with a little mottling, dark brows drawn through the model's brow landmarks
-    (iBUG 17-26) and red lips filled inside its outer lip (48-59), in UV (row 0 at v = 1). A map
-    painted from a photo by a fit would carry that photo's shading and that fit's registration."""
-    import scipy.ndimage
-    from PIL import Image, ImageDraw
-    uv_of_vertex = dict(zip(model.faces.reshape(-1).tolist(), model.uv_faces.reshape(-1).tolist()))
-
-    def texel(k: int) -> tuple:
-        u, v = model.uvs[uv_of_vertex[int(model.landmark_vertices[k, 0])]].tolist()
-        return u * resolution, (1 - v) * resolution
-
-    def drawn(draw) -> np.ndarray:
-        canvas = Image.new('L', (resolution, resolution), 0)
-        draw(ImageDraw.Draw(canvas))
-        return scipy.ndimage.gaussian_filter(np.asarray(canvas, np.float64) / 255, resolution / 256)[..., None]
-    brows = drawn(lambda d: [d.line([texel(k) for k in side], fill=255, width=resolution // 50)
-                             for side in (range(17, 22), range(22, 27))])
-    lips = drawn(lambda d: d.polygon([texel(k) for k in range(48, 60)], fill=255))
-    mottling = scipy.ndimage.gaussian_filter(np.random.default_rng(5).standard_normal((resolution, resolution)), 3)
-    skin = np.array(DRAWN_SKIN) * (1 + 0.05 * mottling / mottling.std())[..., None]
-    albedo = skin * (1 - DRAWN_BROW_DARKENING * brows) * (1 - lips) + lips * np.array(DRAWN_LIPS)
-    return torch.from_numpy(albedo).float()
+def group_distances(points: np.ndarray, truth: np.ndarray) -> str:
+    """iBUG points [faces, 68, 2] and the true ones -> their mean distance per group and in all,
+    in px at 100 px between the outer eye corners."""
+    unit = np.linalg.norm(truth[:, 36] - truth[:, 45], axis=1)[:, None] / 100
+    distance = (np.linalg.norm(points - truth, axis=2) / unit).mean(0)  # [68]
+    return ' '.join(f'{name} {distance[list(rows)].mean():.2f}' for name, rows in LANDMARK_GROUPS.items()) + \
+        f' all {distance.mean():.2f}'
 
 
-def detector_problem(model, config, seed: int, yaw: float, albedo: torch.Tensor) -> tuple:
-    """A photo of an ICT-FaceKit face of known shape (identity of 0.7 sigma drawn from ``seed``,
-    turned ``yaw`` rad) with the diffuse map ``albedo`` -> (FitImage with the model's own
-    landmarks, its Pipeline, true camera-space vertices [verts, 3])."""
-    size = config.maxResolution
-    truth = pipeline.SceneParameters.zeros(model, 1, 1, config.bands)
-    truth.identity = 0.7 * torch.randn(1, model.n_shape, generator=torch.Generator().manual_seed(seed))
-    truth.rotation, truth.translation = torch.tensor([[0.05, yaw, 0.0]]), torch.tensor([[0.0, 10.0, 900.0]])
-    truth.focal = torch.tensor([size * 3.0])
-    truth.sh[0, 0], truth.sh[0, 1], truth.sh[0, 2] = 2.5, 0.3, 0.6
-    truth.diffuse_map = albedo[None]
-    truth.specular_map = torch.full_like(truth.diffuse_map, 0.2)
-    truth.roughness_map = torch.full((*truth.diffuse_map.shape[:3], 1), pipeline.INITIAL_ROUGHNESS)
-    image, scene, _, vertices = synthetic.synthetic_photo(model, truth, config, size, background=0.2)
-    return image, scene, vertices
+def calibrate_mediapipe(config, faces: int) -> None:
+    """Fit ``landmarks.MEDIAPIPE_TO_IBUG`` on ``faces`` ICT-FaceKit faces (``varied_problem``, the
+    drawn albedo) and print it after the distance of MediaPipe's points to the model's own on the
+    held-out third (every third seed), through the table in landmarks.py and through the new one."""
+    import landmarks
+    from tqdm import tqdm
+    model = modelFiles.load_model(config)
+    detector = landmarks.MediapipeDetector(max_faces=1)
+    albedo = synthetic.drawn_albedo(model, pipeline.fitted_texture_resolution(config))
+    found, truth, held_out = [], [], []
+    for seed in tqdm(range(faces), desc='rendering faces', unit='face'):
+        image, _, _ = synthetic.varied_problem(model, config, seed, albedo)
+        meshes = detector.meshes((image.pixels * 255).round().astype(np.uint8))
+        if meshes:
+            found.append(meshes[0])
+            truth.append(image.landmarks)
+            held_out.append(seed % 3 == 0)
+    found, truth, held_out = np.stack(found), np.stack(truth), np.array(held_out)
+    blends = landmarks.convex_blends(found[~held_out], truth[~held_out])
+    through = lambda table: np.einsum('ij,fjc->fic', landmarks.blend_matrix(table, found.shape[1]), found[held_out])
+    print(f'MediaPipe found {len(found)} of {faces} faces; fitted on {(~held_out).sum()}; distance to the model\'s '
+          f'own points on the other {held_out.sum()}, px at 100 px between the outer eye corners:')
+    print(f'  table in landmarks.py: {group_distances(through(landmarks.MEDIAPIPE_TO_IBUG), truth[held_out])}')
+    print(f'  new table:             {group_distances(through(blends), truth[held_out])}')
+    print('MEDIAPIPE_TO_IBUG = (')
+    for point, blend in enumerate(blends):
+        rounded = {k: round(w, 3) for k, w in blend.items() if w >= 0.01}  # blend_matrix renormalises
+        print(f'    {{{", ".join(f"{k}: {w}" for k, w in rounded.items())}}},  # {point}')
+    print(')')
 
 
 def compare_landmark_sources(config, faces: int) -> None:
@@ -374,18 +365,18 @@ def compare_landmark_sources(config, faces: int) -> None:
     import landmarks
     model = modelFiles.load_model(config)
     detector = landmarks.MediapipeDetector()
-    albedo = drawn_albedo(model, pipeline.fitted_texture_resolution(config))
+    albedo = synthetic.drawn_albedo(model, pipeline.fitted_texture_resolution(config))
     usable = model.landmark_usable.numpy()
     print(f'ICT-FaceKit, {config.maxResolution} px, stage-2 landmark weight {config.weightLandmarksLossStep2}')
     print(f'{"face":<16} {"landmarks":<10} {"off own px":>10} {"stage 1 mm":>11} {"stage 2 mm":>11} {"photometric":>12}')
     for face in range(faces):
         yaw = (0.0, 0.3, 0.5)[face % 3]
-        image, scene, true_vertices = detector_problem(model, config, face, yaw, albedo)
+        image, scene, true_vertices = synthetic.detector_problem(model, config, face, yaw, albedo)
         found, _ = detector.detect((image.pixels * 255).round().astype(np.uint8))
         if found is None:
             print(f'seed {face}, yaw {yaw}: MediaPipe found no face')
             continue
-        error = lambda p: rigid_vertex_error(scene.vertices(p)[0].detach().numpy(), true_vertices.numpy())
+        error = lambda p: synthetic.rigid_vertex_error(scene.vertices(p)[0].detach().numpy(), true_vertices.numpy())
         for source, points in (('own', image.landmarks), ('MediaPipe', found)):
             targets = fitting.Targets.of(model, [dataclasses.replace(image, landmarks=points)])
             params, _ = fitting.fit_landmarks(model, targets, config, False)
@@ -426,8 +417,11 @@ def main() -> None:
     parser.add_argument('--detector', type=int, metavar='FACES',
                         help="instead: stages 1 and 2 on this many ICT-FaceKit faces of known shape from MediaPipe's "
                              "landmarks of their render and from the model's own (ICT-FaceKit from --ict; --set applies)")
+    parser.add_argument('--calibrate', type=int, metavar='FACES',
+                        help="instead: fit the table that makes iBUG points of MediaPipe's face mesh on this many "
+                             "ICT-FaceKit faces of known shape and print it (ICT-FaceKit from --ict)")
     parser.add_argument('--ict', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'ICT-FaceKit'),
-                        help='the ICT-FaceKit folder for --video, --cluster and --detector')
+                        help='the ICT-FaceKit folder for --video, --cluster, --detector and --calibrate')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix='benchmark-') as folder:
         run(args, folder)
@@ -446,6 +440,9 @@ def run(args, folder: str) -> None:
     given = dict(device=args.device, maxResolution=args.size, **config_module.parse_overrides(args.set))
     if args.iterations:
         given.update(iterStep1=args.iterations[0], iterStep2=args.iterations[1], iterStep3=args.iterations[2])
+    if args.calibrate:
+        calibrate_mediapipe(defaults.replace(**{'model': 'ict', 'path': args.ict, **given}), args.calibrate)
+        return
     if args.detector:
         compare_landmark_sources(defaults.replace(**{'model': 'ict', 'path': args.ict, **given}), args.detector)
         return
@@ -506,7 +503,7 @@ def run(args, folder: str) -> None:
           f'(after stage 2: {fitting.photometric_error(scene, after_stage2, every_pixel):.4f}; '
           f'true parameters: {fitting.photometric_error(scene, truth, every_pixel):.4f}); left out as not explained: '
           f'{100 * fitting.left_out_share(scene, params, targets)[0]:.1f}% of the face')
-    print(f'vertex error after rigid alignment: {rigid_vertex_error(fitted_vertices, true_vertices):.2f} mm')
+    print(f'vertex error after rigid alignment: {synthetic.rigid_vertex_error(fitted_vertices, true_vertices):.2f} mm')
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ import fitting
 import modelFiles
 import results
 from photos import FitImage
-from pipeline import Pipeline
+from pipeline import INITIAL_ROUGHNESS, Pipeline, SceneParameters
 
 FACE_HALF_WIDTH, FACE_HALF_HEIGHT, FACE_DEPTH = 75.0, 100.0, 60.0
 
@@ -161,6 +161,88 @@ def synthetic_photo(model, truth, config, size: int, background: float):
     pixels = np.clip(results.composite(rendered, np.full((size, size, 3), background)), 0, 1).astype(np.float32)
     image = FitImage(0, 'synthetic', pixels, 1.0, landmarks)
     return image, pipeline, fitting.Targets.of(model, [image]), vertices[0]
+
+
+def rigid_vertex_error(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean distance (mm) between vertex sets [v, 3] after the best rotation and translation."""
+    a0, b0 = a - a.mean(0), b - b.mean(0)
+    u, _, vt = np.linalg.svd(a0.T @ b0)
+    d = np.sign(np.linalg.det(u @ vt))
+    rotation = u @ np.diag([1, 1, d]) @ vt
+    return float(np.linalg.norm(a0 @ rotation - b0, axis=1).mean())
+
+
+# The albedo of the faces that a landmark detector sees (``drawn_albedo``), linear colour.
+DRAWN_SKIN, DRAWN_LIPS, DRAWN_BROW_DARKENING = (0.45, 0.30, 0.22), (0.42, 0.12, 0.12), 0.85
+
+
+def drawn_albedo(model, resolution: int) -> torch.Tensor:
+    """A diffuse map [res, res, 3] with what a landmark detector looks for and no shading in it:
+    one skin colour with a little mottling, dark brows drawn through the model's brow landmarks
+    (iBUG 17-26) and red lips filled inside its outer lip (48-59), in UV (row 0 at v = 1). A map
+    painted from a photo by a fit would carry that photo's shading and that fit's registration."""
+    import scipy.ndimage
+    from PIL import Image, ImageDraw
+    uv_of_vertex = dict(zip(model.faces.reshape(-1).tolist(), model.uv_faces.reshape(-1).tolist()))
+
+    def texel(k: int) -> tuple:
+        u, v = model.uvs[uv_of_vertex[int(model.landmark_vertices[k, 0])]].tolist()
+        return u * resolution, (1 - v) * resolution
+
+    def drawn(draw) -> np.ndarray:
+        canvas = Image.new('L', (resolution, resolution), 0)
+        draw(ImageDraw.Draw(canvas))
+        return scipy.ndimage.gaussian_filter(np.asarray(canvas, np.float64) / 255, resolution / 256)[..., None]
+    brows = drawn(lambda d: [d.line([texel(k) for k in side], fill=255, width=resolution // 50)
+                             for side in (range(17, 22), range(22, 27))])
+    lips = drawn(lambda d: d.polygon([texel(k) for k in range(48, 60)], fill=255))
+    mottling = scipy.ndimage.gaussian_filter(np.random.default_rng(5).standard_normal((resolution, resolution)), 3)
+    skin = np.array(DRAWN_SKIN) * (1 + 0.05 * mottling / mottling.std())[..., None]
+    albedo = skin * (1 - DRAWN_BROW_DARKENING * brows) * (1 - lips) + lips * np.array(DRAWN_LIPS)
+    return torch.from_numpy(albedo).float()
+
+
+def known_face_photo(model, config, truth) -> tuple:
+    """A photo of an ICT-FaceKit face ``truth`` (SceneParameters with shape, pose, light and a
+    diffuse map; specular 0.2 and the initial roughness are filled in) -> (FitImage with the
+    model's own landmarks, its Pipeline, true camera-space vertices [verts, 3])."""
+    truth.specular_map = torch.full_like(truth.diffuse_map, 0.2)
+    truth.roughness_map = torch.full((*truth.diffuse_map.shape[:3], 1), INITIAL_ROUGHNESS)
+    image, scene, _, vertices = synthetic_photo(model, truth, config, config.maxResolution, background=0.2)
+    return image, scene, vertices
+
+
+def detector_problem(model, config, seed: int, yaw: float, albedo: torch.Tensor) -> tuple:
+    """``known_face_photo`` of a neutral face (identity of 0.7 sigma drawn from ``seed``, turned
+    ``yaw`` rad) with the diffuse map ``albedo``, lit from above and the front."""
+    size = config.maxResolution
+    truth = SceneParameters.zeros(model, 1, 1, config.bands)
+    truth.identity = 0.7 * torch.randn(1, model.n_shape, generator=torch.Generator().manual_seed(seed))
+    truth.rotation, truth.translation = torch.tensor([[0.05, yaw, 0.0]]), torch.tensor([[0.0, 10.0, 900.0]])
+    truth.focal = torch.tensor([size * 3.0])
+    truth.sh[0, 0], truth.sh[0, 1], truth.sh[0, 2] = 2.5, 0.3, 0.6
+    truth.diffuse_map = albedo[None]
+    return known_face_photo(model, config, truth)
+
+
+def varied_problem(model, config, seed: int, albedo: torch.Tensor) -> tuple:
+    """``known_face_photo`` of a face drawn from ``seed``: identity of 0.8 sigma; for odd seeds
+    four expression shapes at up to half their range; yaw within +-0.6 rad, pitch -0.2 to 0.25,
+    roll +-0.15; focal length 2 to 4 image widths; light of random direction and tint; the skin of
+    ``albedo`` lighter or darker (x0.5 to x1.5)."""
+    rng = np.random.default_rng(seed)
+    truth = SceneParameters.zeros(model, 1, 1, config.bands)
+    truth.identity = torch.from_numpy(0.8 * rng.standard_normal((1, model.n_shape))).float()
+    if seed % 2:
+        truth.expression[0, rng.choice(model.n_expression, 4, replace=False)] = torch.from_numpy(rng.uniform(0, 0.5, 4)).float()
+    truth.rotation = torch.tensor([[rng.uniform(-0.2, 0.25), rng.uniform(-0.6, 0.6), rng.uniform(-0.15, 0.15)]]).float()
+    truth.translation = torch.tensor([[0.0, 10.0, 900.0]])
+    truth.focal = torch.tensor([config.maxResolution * rng.uniform(2.0, 4.0)]).float()
+    truth.sh[0, 0] = torch.from_numpy(rng.uniform(2.0, 3.0) * np.array([1.0, rng.uniform(0.9, 1.05), rng.uniform(0.85, 1.05)]))
+    truth.sh[0, 1:4] = torch.from_numpy(rng.uniform(-0.8, 0.8, (3, 1)))
+    tone = rng.uniform(0.5, 1.5)
+    truth.diffuse_map = (albedo * torch.tensor([tone, tone ** 1.1, tone ** 1.2])).clamp(0, 1)[None]
+    return known_face_photo(model, config, truth)
 
 
 # A clip for the video tests and benchmark: 640x360 at 25 fps, the astronaut turning in the image
