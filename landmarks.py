@@ -17,10 +17,11 @@ class LandmarkError(RuntimeError):
 
 # MediaPipe's face mesh has 468 points and none lies where the iBUG-68 annotation puts its
 # points: the nearest ones sit 3-5 px off at a 128 px face (along the jaw, the brows wider, the
-# nostril base higher), which cost stage 1 on ICT-FaceKit faces of known shape 5.9 mm of vertex
-# error against 2.0 mm from their true points. Each iBUG point is therefore a convex blend of a few
-# MediaPipe points, fitted on renders of ICT-FaceKit faces (whose landmark vertices follow iBUG)
-# and printed, held-out error included, by ``python benchmark.py --calibrate 180``. Rows: jaw
+# nostril base higher): from those, stage 1 on 40 ICT-FaceKit faces of known shape ended 6.2 mm
+# from the truth, from the faces' true points 2.0 mm. Each iBUG point is therefore a convex blend
+# of a few MediaPipe points (3.1 mm there), fitted on renders of ICT-FaceKit faces (whose landmark
+# vertices follow iBUG) and printed, held-out error included, by ``python benchmark.py
+# --calibrate 180``. Rows: jaw
 # contour (0-16), brows (17-26), nose bridge and tip (27-30), nostril base (31-35), eyes from the
 # outer corner over the upper lid (36-47), outer lips from the right corner (48-59), inner lips
 # (60-67); "right" is the subject's right, on the image's left.
