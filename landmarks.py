@@ -21,10 +21,9 @@ class LandmarkError(RuntimeError):
 # from the truth, from the faces' true points 2.0 mm. Each iBUG point is therefore a convex blend
 # of a few MediaPipe points (3.1 mm there), fitted on renders of ICT-FaceKit faces (whose landmark
 # vertices follow iBUG) and printed, held-out error included, by ``python benchmark.py
-# --calibrate 180``. Rows: jaw
-# contour (0-16), brows (17-26), nose bridge and tip (27-30), nostril base (31-35), eyes from the
-# outer corner over the upper lid (36-47), outer lips from the right corner (48-59), inner lips
-# (60-67); "right" is the subject's right, on the image's left.
+# --calibrate 180``. Rows: jaw contour (0-16), brows (17-26), nose bridge and tip (27-30),
+# nostril base (31-35), eyes from the outer corner over the upper lid (36-47), outer lips from
+# the right corner (48-59), inner lips (60-67); "right" is the subject's right, on the image's left.
 MEDIAPIPE_TO_IBUG = (
     {127: 0.532, 162: 0.468},  # 0
     {93: 0.348, 127: 0.296, 143: 0.054, 234: 0.302},  # 1
