@@ -47,6 +47,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests'))
 import config as config_module  # noqa: E402
 import fitting  # noqa: E402
+import landmarks  # noqa: E402
 import modelFiles  # noqa: E402
 import pipeline  # noqa: E402
 import results  # noqa: E402
@@ -223,7 +224,6 @@ def print_stage2_diagnosis(scene, truth, params, targets, every_pixel) -> None:
 def video_run(clip_path: str, model_path: str) -> dict:
     """In a process of its own: find the face in every frame of a clip and track its pose and
     expression (ICT-FaceKit, the mean identity) -> frames, seconds of each pass, peak MB."""
-    import landmarks
     import tracking
     import video
     own_memory = OwnMemoryPeak()
@@ -321,7 +321,7 @@ LANDMARK_GROUPS = dict(contour=range(0, 17), brows=range(17, 27), nose=range(27,
 def group_distances(points: np.ndarray, truth: np.ndarray) -> str:
     """iBUG points [faces, 68, 2] and the true ones -> their mean distance per group and in all,
     in px at 100 px between the outer eye corners."""
-    unit = np.linalg.norm(truth[:, 36] - truth[:, 45], axis=1)[:, None] / 100
+    unit = landmarks.eye_corner_distance(truth)[:, None] / 100
     distance = (np.linalg.norm(points - truth, axis=2) / unit).mean(0)  # [68]
     return ' '.join(f'{name} {distance[list(rows)].mean():.2f}' for name, rows in LANDMARK_GROUPS.items()) + \
         f' all {distance.mean():.2f}'
@@ -331,7 +331,6 @@ def calibrate_mediapipe(config, faces: int) -> None:
     """Fit ``landmarks.MEDIAPIPE_TO_IBUG`` on ``faces`` ICT-FaceKit faces (``varied_problem``, the
     drawn albedo) and print it after the distance of MediaPipe's points to the model's own on the
     held-out third (every third seed), through the table in landmarks.py and through the new one."""
-    import landmarks
     from tqdm import tqdm
     model = modelFiles.load_model(config)
     detector = landmarks.MediapipeDetector(max_faces=1)
@@ -362,7 +361,6 @@ def compare_landmark_sources(config, faces: int) -> None:
     """Stages 1 and 2 on ``faces`` ICT-FaceKit faces of known shape (``detector_problem``, yaw 0,
     0.3 and 0.5 rad in turn), from MediaPipe's landmarks of each render and from the model's own:
     how far MediaPipe's points lie from the model's, and the vertex error after each stage."""
-    import landmarks
     model = modelFiles.load_model(config)
     detector = landmarks.MediapipeDetector()
     albedo = synthetic.drawn_albedo(model, pipeline.fitted_texture_resolution(config))

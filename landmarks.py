@@ -97,6 +97,12 @@ MEDIAPIPE_TO_IBUG = (
 MEDIAPIPE_POINTS = 468
 
 
+def eye_corner_distance(points: np.ndarray) -> np.ndarray:
+    """iBUG points [..., 68, 2] -> the distance between the outer eye corners (36, 45) [...]: the
+    face's size in the image, the unit in which landmark distances compare across faces."""
+    return np.linalg.norm(points[..., 45, :] - points[..., 36, :], axis=-1)
+
+
 def blend_matrix(blends: tuple, n_points: int) -> np.ndarray:
     """Per iBUG point {detected point: weight} -> [68, n_points]: iBUG = matrix @ detected [n_points, 2].
     Each row is divided by its sum, which the table's rounding to 3 digits leaves near 1."""
@@ -113,7 +119,7 @@ def convex_blends(found: np.ndarray, truth: np.ndarray, neighbours: int = 10) ->
     are in units of each face's outer-eye-corner distance (iBUG 36-45), so that large faces do not
     outweigh small ones. Convex, because a blend that extrapolates amplifies the detector's jitter."""
     import scipy.optimize
-    unit = np.linalg.norm(truth[:, 36] - truth[:, 45], axis=1)[:, None, None]  # [faces, 1, 1]
+    unit = eye_corner_distance(truth)[:, None, None]  # [faces, 1, 1]
     found, truth = found / unit, truth / unit
     blends = []
     for point in range(truth.shape[1]):

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import fitting
+import landmarks as landmarks_module
 import photos
 import utils
 from config import Config
@@ -227,7 +228,7 @@ def frontality(points: np.ndarray) -> float:
     """1 when the nose tip (iBUG 30) is midway between the outer eye corners (36, 45), falling
     as the head turns away."""
     between = (points[36] + points[45]) / 2
-    eyes = float(np.linalg.norm(points[45] - points[36]))
+    eyes = float(landmarks_module.eye_corner_distance(points))
     return max(0.0, 1.0 - 2 * abs(float(points[30, 0] - between[0])) / max(eyes, 1e-6))
 
 

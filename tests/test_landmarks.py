@@ -44,8 +44,8 @@ def test_mediapipe_points_through_the_table_lie_on_ict_landmarks_and_give_its_sh
         image, scene, true_vertices = synthetic.varied_problem(model, cfg, seed, albedo)
         points, faces = detector.detect((image.pixels * 255).round().astype(np.uint8))
         assert faces == 1
-        eye_corners = np.linalg.norm(image.landmarks[36] - image.landmarks[45])
-        distances.append(100 * np.linalg.norm(points - image.landmarks, axis=1).mean() / eye_corners)
+        distances.append(100 * np.linalg.norm(points - image.landmarks, axis=1).mean()
+                         / landmarks.eye_corner_distance(image.landmarks))
         targets = fitting.Targets.of_landmarks(model, points[None], [image.size])
         fitted, _ = fitting.fit_landmarks(model, targets, cfg, False)
         vertex_errors.append(synthetic.rigid_vertex_error(
