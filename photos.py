@@ -118,13 +118,15 @@ def resize_image(image: np.ndarray, max_resolution: int) -> tuple:
 
 
 def face_crop(points: np.ndarray, width: int, height: int) -> tuple:
-    """Landmarks [68, 2] (input px) -> crop box (x0, y0, x1, y1) inside the image."""
+    """Landmarks [68, 2] (input px) -> crop box (x0, y0, x1, y1) inside the image: a square of
+    CROP_MARGIN times the landmarks' extent (rounded up to whole pixels) around their box's
+    centre, cut where it crosses the image's border."""
     finite = points[np.isfinite(points).all(1)]
     centre = (finite.min(0) + finite.max(0)) / 2
-    half = CROP_MARGIN * (finite.max(0) - finite.min(0)).max() / 2
-    x0, y0 = np.maximum(np.floor(centre - half), 0).astype(int)
-    x1, y1 = np.minimum(np.ceil(centre + half), [width, height]).astype(int)
-    return x0, y0, x1, y1
+    side = int(np.ceil(CROP_MARGIN * (finite.max(0) - finite.min(0)).max()))
+    # one side for both axes: rounding each corner on its own made a side a pixel longer (167x168)
+    x0, y0 = np.round(centre - side / 2).astype(int)
+    return max(x0, 0), max(y0, 0), min(x0 + side, width), min(y0 + side, height)
 
 
 # Landmarks that span fewer pixels than this outline no face that can be fitted.

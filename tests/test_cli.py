@@ -45,8 +45,7 @@ def test_end_to_end_on_a_real_photo_writes_every_output(ict_folder, astronaut, t
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == [f'{key}_leftout.pt', f'{key}_stage1.pt', f'{key}_stage2.pt',
                                                             f'{key}_stage3.pt', 'run.json']
     params = json.loads((tmp_path / 'params0.json').read_text())
-    # the face's square (its corners rounded outward, so a side may be a pixel longer), longer side at maxResolution
-    assert max(params['width'], params['height']) == 128 and params['stage'] == 3 and len(params['sh']) == 81
+    assert params['width'] == params['height'] == 128 and params['stage'] == 3 and len(params['sh']) == 81  # the face's square
     render = np.asarray(Image.open(tmp_path / 'render_0.png'))
     assert render.shape[1] == 6 * params['width']
     mtl = (tmp_path / 'mesh0.mtl').read_text()

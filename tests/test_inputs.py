@@ -73,6 +73,19 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path, m
     assert os.listdir(tmp_path) == ['params0.json']
 
 
+def test_the_face_crop_is_square_inside_the_image_and_cut_at_its_border():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        points = rng.uniform(100, 140, (68, 2)) * rng.uniform(0.5, 3) + rng.uniform(0, 300, 2)
+        side = np.ceil(photos.CROP_MARGIN * np.ptp(points, axis=0).max())
+        x0, y0, x1, y1 = photos.face_crop(points, 2000, 2000)
+        assert x1 - x0 == y1 - y0 == side  # corners rounded one by one made 167x168
+        centre = (points.min(0) + points.max(0)) / 2
+        assert np.abs([(x0 + x1) / 2, (y0 + y1) / 2] - centre).max() <= 0.5
+    x0, y0, x1, y1 = photos.face_crop(np.array([[5.0, 10.0], [65.0, 70.0]]), 80, 1000)  # side 108 around (35, 40)
+    assert (x0, y0, x1, y1) == (0, 0, 80, 94)
+
+
 def test_nan_loss_goes_back_to_good_values_with_smaller_steps():
     """NaN at steps 5 and 6: x returns to its last snapshot (after step 0) and goes on."""
     x = torch.tensor([3.0], requires_grad=True)
