@@ -117,15 +117,21 @@ def resize_image(image: np.ndarray, max_resolution: int) -> tuple:
     return np.clip(np.stack(planes, axis=2), 0, 1).astype(np.float32), size[0] / width
 
 
-def face_crop(points: np.ndarray, width: int, height: int) -> tuple:
-    """Landmarks [68, 2] (input px) -> crop box (x0, y0, x1, y1) inside the image: a square of
-    CROP_MARGIN times the landmarks' extent (rounded up to whole pixels) around their box's
-    centre, cut where it crosses the image's border."""
+def face_square(points: np.ndarray) -> tuple:
+    """Landmarks [68, 2] (px) -> (x0, y0, side): the square of CROP_MARGIN times the landmarks'
+    extent (rounded up to whole pixels) around their box's centre, wherever the image ends."""
     finite = points[np.isfinite(points).all(1)]
     centre = (finite.min(0) + finite.max(0)) / 2
     side = int(np.ceil(CROP_MARGIN * (finite.max(0) - finite.min(0)).max()))
     # one side for both axes: rounding each corner on its own made a side a pixel longer (167x168)
     x0, y0 = np.round(centre - side / 2).astype(int)
+    return int(x0), int(y0), side
+
+
+def face_crop(points: np.ndarray, width: int, height: int) -> tuple:
+    """Landmarks [68, 2] (input px) -> crop box (x0, y0, x1, y1) inside the image: the
+    ``face_square``, cut where it crosses the image's border."""
+    x0, y0, side = face_square(points)
     return max(x0, 0), max(y0, 0), min(x0 + side, width), min(y0 + side, height)
 
 

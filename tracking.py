@@ -373,13 +373,10 @@ class PhotometricRefiner:
     def crop(self, pixels: np.ndarray, landmarks: np.ndarray) -> tuple:
         """The frame's face [side, side, 3] (linear colour), and its frame -> crop pixel scale and
         origin (crop pixel = (frame pixel - origin) · scale)."""
-        centre, extent = face_box(landmarks)
-        half = photos.CROP_MARGIN * extent / 2
-        origin = centre - half
-        box = tuple(int(round(v)) for v in (*origin, *(centre + half)))
-        image = Image.fromarray(pixels).crop(box).resize((self.side, self.side), Image.BILINEAR)
-        scale = self.side / (box[2] - box[0])
-        return torch.from_numpy(utils.srgb_to_linear(np.asarray(image, np.float32) / 255)), scale, np.array(box[:2])
+        x0, y0, side = photos.face_square(landmarks)  # PIL fills what lies past the frame's border
+        image = Image.fromarray(pixels).crop((x0, y0, x0 + side, y0 + side))
+        image = image.resize((self.side, self.side), Image.BILINEAR)
+        return torch.from_numpy(utils.srgb_to_linear(np.asarray(image, np.float32) / 255)), self.side / side, np.array([x0, y0])
 
     def refine(self, frame: FrameTrack, pixels: np.ndarray) -> None:
         """Photometric steps on ``frame``'s pose and expression (already fitted to its landmarks)."""
