@@ -92,7 +92,10 @@ class FaceRenderer:
                  texture_resolution: int, envmap_rows: int, device: str = 'cpu', integrator: str = 'prb',
                  crop: tuple = None):
         """``crop`` = (x0, y0, x1, y1): only these pixels are ray traced (the rest of the image is
-        returned empty); the camera stays that of the whole [height, width] image."""
+        returned empty); the camera stays that of the whole [height, width] image. The film is the
+        crop itself, seen by an off-centre camera (``set_camera``), not Mitsuba's film crop:
+        ``prb_projective`` places its edge samples wrongly in a cropped film (the outline's
+        gradient is lost, the interior's distorted; tests/test_renderer.py)."""
         mi = self.mi = mitsuba(device)
         self.torch_device = 'cuda' if device == 'cuda' else 'cpu'
         geometry_index, uv_index, triangles = render_vertex_layout(faces.cpu().numpy(), uv_faces.cpu().numpy())
@@ -126,10 +129,9 @@ class FaceRenderer:
                        'near_clip': 1.0, 'far_clip': 1e5,
                        # sample_border: the box filter has no border, so it changes nothing, but without
                        # it prb_projective warns that shapes could leave the image (the crop keeps the face in)
-                       'film': {'type': 'hdrfilm', 'width': width, 'height': height, 'rfilter': {'type': 'box'},
-                                'sample_border': True, 'pixel_format': 'rgba',
-                                'crop_offset_x': self.crop[0], 'crop_offset_y': self.crop[1],
-                                'crop_width': self.crop[2] - self.crop[0], 'crop_height': self.crop[3] - self.crop[1]}},
+                       'film': {'type': 'hdrfilm', 'width': self.crop[2] - self.crop[0],
+                                'height': self.crop[3] - self.crop[1], 'rfilter': {'type': 'box'},
+                                'sample_border': True, 'pixel_format': 'rgba'}},
             'face': mesh,
             'light': {'type': 'envmap', 'bitmap': mi.Bitmap(envmap),
                       'to_world': mi.ScalarTransform4f(sphericalharmonics.ENVMAP_TO_WORLD.tolist())}})
@@ -164,16 +166,18 @@ class FaceRenderer:
         return render
 
     def set_camera(self, focal: float, centre: tuple = None) -> None:
-        """The camera: horizontal field of view from the focal length (px of the whole image, crop
-        or not), and the principal point ``centre`` (x, y) px (default: the image's centre, as
-        ``pipeline.project``); not differentiated (stage 1 fits them)."""
+        """The camera: the focal length (px) and the principal point ``centre`` (x, y) px of the
+        whole image (default: its centre, as ``pipeline.project``), seen through the crop: the
+        crop's horizontal field of view and the principal point relative to the crop's centre;
+        not differentiated (stage 1 fits them)."""
         centre = (self.width / 2, self.height / 2) if centre is None else tuple(float(c) for c in centre)
-        camera = (float(np.degrees(2 * np.arctan(self.width / 2 / focal))), centre)
+        x0, y0, x1, y1 = self.crop
+        camera = (float(np.degrees(2 * np.arctan((x1 - x0) / 2 / focal))), centre)
         if camera != self._camera:
             self.params[self.keys['fov']] = camera[0]
             # Mitsuba's offsets are fractions of the film, positive to the left and up of ours
-            self.params[self.keys['offset_x']] = (self.width / 2 - centre[0]) / self.width
-            self.params[self.keys['offset_y']] = (self.height / 2 - centre[1]) / self.height
+            self.params[self.keys['offset_x']] = ((x0 + x1) / 2 - centre[0]) / (x1 - x0)
+            self.params[self.keys['offset_y']] = ((y0 + y1) / 2 - centre[1]) / (y1 - y0)
             self.params.update()
             self._camera = camera
 

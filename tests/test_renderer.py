@@ -187,3 +187,77 @@ def test_every_integrator_renders_the_face_and_its_coverage(small_bfm, render_de
     assert 0.2 < float(coverage.float().mean()) < 0.8
     assert float((image[..., 3] - reference[..., 3]).abs().mean()) < 0.01  # the edge pixels' fractions are noisy
     assert abs(float(image[..., :3][coverage].mean() / reference[..., :3][coverage].mean()) - 1) < 0.01
+
+
+def _far_face(setup) -> tuple:
+    """The setup with the face further away, so that its box leaves room in the image."""
+    model, face, params, sh = setup
+    far = params.detached()
+    far.translation = torch.tensor([[5.0, 0.0, 1000.0]])
+    return model, face, far, sh
+
+
+def _cropped_renderer(setup, render_device, integrator: str, margin: int = 4) -> renderer.FaceRenderer:
+    """A renderer that ray traces only the face's bounding box and ``margin`` pixels, as the fit's."""
+    model, _, params, _ = setup
+    pixels = pipeline.project(pipeline.model_vertices(model, params), params.focal, torch.tensor([[SIZE / 2, SIZE / 2]]))[0]
+    low = (pixels.min(0).values.floor() - margin).clamp_min(0).int().tolist()
+    high = (pixels.max(0).values.ceil() + margin).clamp_max(SIZE).int().tolist()
+    return renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device,
+                                 integrator, crop=(*low, *high))
+
+
+def test_a_cropped_render_is_the_whole_images_pixels(render_device, setup):
+    """Ray tracing the face's box only renders the same pixels as the whole image, and nothing
+    outside the box."""
+    setup = _far_face(setup)
+    model = setup[0]
+    cropped_face = _cropped_renderer(setup, render_device, 'prb')
+    x0, y0, x1, y1 = cropped_face.crop
+    assert (x1 - x0) < SIZE - 8 and (y1 - y0) < SIZE - 8, 'the test needs a crop smaller than the image'
+    whole, cropped = render(setup, spp=512, seed=1), render((model, cropped_face, *setup[2:]), spp=512, seed=2)
+    assert float(cropped[:y0].abs().max()) == 0 and float(cropped[:, x1:].abs().max()) == 0
+    # means of 4x4 pixel blocks: the two renders' noise is independent
+    blocks = lambda image: torch.nn.functional.avg_pool2d(image[y0:y1, x0:x1].permute(2, 0, 1), 4)
+    difference = blocks(whole) - blocks(cropped)
+    print(f'cropped against whole: mean |difference| of alpha {float(difference[3].abs().mean()):.4f}, of colour '
+          f'{float(difference[:3].abs().mean()):.4f} (mean colour {float(blocks(whole)[:3].mean()):.4f})')
+    assert float(difference[3].abs().mean()) < 0.005
+    assert float(difference[:3].abs().mean()) < 0.01 * float(blocks(whole)[:3].mean())
+
+
+def test_prb_projective_differentiates_the_outline_of_a_cropped_render(render_device, setup):
+    """Moving the face sideways moves its outline over the background: with the image cropped to
+    the face, prb_projective's gradient of the outline's pixels is the finite difference's
+    (Mitsuba's own film crop lost it: 1% of it)."""
+    setup = _far_face(setup)
+    model, _, params, sh = setup
+    face = _cropped_renderer(setup, render_device, 'prb_projective')
+    vertices = pipeline.model_vertices(model, params)[0]
+    normals = utils.vertex_normals(vertices[None], model.faces)[0]
+    envmap = sphericalharmonics.EnvironmentMap(3, ROWS, False)(sh[None])[0]
+    flat = lambda c: torch.full((RES, RES, c), 0.5)
+    focal = float(params.focal[0])
+
+    def image(shift: torch.Tensor, spp: int, seed: int) -> torch.Tensor:
+        moved = vertices + shift * torch.tensor([1.0, 0.0, 0.0])
+        return face.render(moved, normals, flat(3), flat(3), flat(1), envmap, focal, spp, seed)
+
+    alpha = image(torch.tensor(0.0), 64, 0)[..., 3].numpy()
+    outline = scipy.ndimage.binary_dilation((alpha > 0.01) & (alpha < 0.99))
+    columns = np.arange(SIZE)[None, :] - (np.nonzero(alpha > 0.5)[1].mean())
+    weights = torch.from_numpy(outline * np.sign(columns)).float()[..., None]  # right edge +, left edge -
+    shift = torch.tensor(0.0, requires_grad=True)
+    gradients = []
+    for seed in range(4):
+        shift.grad = None
+        (image(shift, 64, seed)[..., :3] * weights).sum().backward()
+        gradients.append(float(shift.grad))
+    step = 1.0  # mm: about a sixth of a pixel here
+    with torch.no_grad():
+        numeric = float(((image(torch.tensor(step), 1024, 9) - image(torch.tensor(-step), 1024, 9))[..., :3]
+                         * weights).sum() / (2 * step))
+    analytic = sum(gradients) / len(gradients)
+    print(f'outline gradient: prb_projective {analytic:.4g} ({gradients}), finite difference {numeric:.4g}')
+    assert abs(numeric) > 1.0, 'the check needs a visible effect'
+    assert math.isclose(analytic, numeric, rel_tol=0.2), (analytic, numeric)
