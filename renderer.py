@@ -19,8 +19,9 @@ import sphericalharmonics
 
 # The integrators a fit can use, both direct illumination (camera -> face -> light), rendering the
 # same image: 'prb' differentiates the shading only; 'prb_projective' adds the gradients of the
-# face's outline moving over the background (projective sampling of primary visibility; shadows'
-# edges are left out, sppi 0) at about 2.2x the cost of a step. Mitsuba's 'direct_projective'
+# face's outline moving over the background and of the edges where the face hides itself
+# (projective sampling of primary visibility; shadows' edges are left out, sppi 0) at about 2.7x
+# the cost of a step. Mitsuba's 'direct_projective'
 # renders the same colours but an alpha of 1 wherever a ray meets the environment light, so the
 # face's coverage that the fit's masks are made of is lost (benchmark.py: 12.8 mm); it is not
 # offered. tests/test_renderer.py checks the image and the coverage of each one offered.
