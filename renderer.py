@@ -21,11 +21,12 @@ import sphericalharmonics
 # same image: 'prb' differentiates the shading only; 'prb_projective' adds the gradients of the
 # face's outline moving over the background and of the edges where the face hides itself
 # (projective sampling of primary visibility; shadows' edges are left out, sppi 0) at about 2.7x
-# the cost of a step. Mitsuba's 'direct_projective'
+# the cost of a step. 'prb' is Mitsuba's path replay estimator unrolled for this one bounce
+# (``_register_direct_prb``). Mitsuba's 'direct_projective'
 # renders the same colours but an alpha of 1 wherever a ray meets the environment light, so the
 # face's coverage that the fit's masks are made of is lost (benchmark.py: 12.8 mm); it is not
 # offered. tests/test_renderer.py checks the image and the coverage of each one offered.
-INTEGRATORS = {'prb': {'type': 'prb', 'max_depth': 2},
+INTEGRATORS = {'prb': {'type': 'direct_prb'},
                'prb_projective': {'type': 'prb_projective', 'max_depth': 2, 'sppi': 0}}
 
 # Samples per pixel of one pass of a render without gradients: drjit keeps per-sample state of a
@@ -71,7 +72,81 @@ def mitsuba(device: str = 'cpu'):
     except (ImportError, AttributeError, RuntimeError) as error:
         raise RendererError(f'Mitsuba variant {variant} is not usable here ({error}); for the CPU install '
                             f'LLVM >= 17 (./setup.sh), for CUDA an NVIDIA driver') from None
+    if variant not in _registered:
+        _register_direct_prb(_mi)
+        _registered.add(variant)
     return _mi
+
+
+_registered = set()  # the Mitsuba variants 'direct_prb' is registered in
+
+
+def _register_direct_prb(mi) -> None:
+    """Register the integrator 'direct_prb' in Mitsuba's current variant: the estimator of
+    Mitsuba's 'prb' with max_depth 2 (camera ray -> face -> environment light: a shadow ray toward
+    a direction drawn from the light and a BSDF-sampled ray, weighed by multiple importance),
+    written out for that one bounce.
+
+    Why: Mitsuba's backward pass replays each path twice, a primal pass for the light the path
+    still carries at each vertex and then the adjoint pass. With one bounce that light is what the
+    BSDF-sampled ray sees, which the adjoint pass traces anyway, so here it needs no primal pass
+    (the one Mitsuba's ``render_backward`` starts is never evaluated: nothing reads its lazy
+    result). Same samples, same image, same gradients as 'prb' (tests/test_renderer.py); a
+    backward pass of benchmark.py's stage-2 render 0.52 -> 0.31 s."""
+    import drjit as dr
+    from mitsuba.ad.integrators.common import RBIntegrator, mis_weight
+
+    class DirectPathReplay(RBIntegrator):
+        def sample(self, mode, scene, sampler, ray, δL, state_in, active, **kwargs):
+            """Radiance of each camera ray [n] (Primal), or its adjoint ``δL`` [n] propagated to
+            the scene parameters (Backward) or from them (Forward) -> (L or δL, hit, [], None)."""
+            primal = mode == dr.ADMode.Primal
+            context = mi.BSDFContext()
+            ray = mi.Ray3f(dr.detach(ray))
+            active = mi.Bool(active)
+            preliminary = scene.ray_intersect_preliminary(ray, coherent=True, reorder=False, active=active)
+            with dr.resume_grad(when=not primal):  # the hit point moves with the vertices, not the edges
+                si = preliminary.compute_surface_interaction(ray, ray_flags=mi.RayFlags.All)
+                seen = si.emitter(scene).eval(si, active)  # the environment, where the ray misses the face
+            hit = active & si.is_valid()
+            bsdf = si.bsdf(ray)
+
+            # light sampling: a shadow ray toward a direction drawn from the environment
+            lit = hit & mi.has_flag(bsdf.flags(), mi.BSDFFlags.Smooth)
+            ds, light_weight = scene.sample_emitter_direction(si, sampler.next_2d(), True, lit)
+            lit &= ds.pdf != 0
+            with dr.resume_grad(when=not primal):
+                if not primal:  # the light's value is differentiated, its direction (infinitely far) not
+                    light = scene.eval_emitter_direction(si, ds, lit)
+                    light_weight = dr.replace_grad(light_weight, light * dr.detach(dr.select(ds.pdf != 0, dr.rcp(ds.pdf), 0)))
+                bsdf_value, bsdf_pdf = bsdf.eval_pdf(context, si, si.to_local(ds.d), lit)
+                direct = mis_weight(ds.pdf, bsdf_pdf) * bsdf_value * light_weight
+
+            # BSDF sampling: the ray sees the environment unless the face is in the way
+            sample, bsdf_weight = bsdf.sample(context, si, sampler.next_1d(), sampler.next_2d(), hit)
+            ray_next = si.spawn_ray(si.to_world(sample.wo))
+            traced = hit & (dr.max(mi.unpolarized_spectrum(bsdf_weight)) != 0)
+            si_next = scene.ray_intersect_preliminary(ray_next, coherent=False, reorder=False, active=traced) \
+                .compute_surface_interaction(ray_next, ray_flags=mi.RayFlags.Minimal, active=traced)
+            ds_next = mi.DirectionSample3f(scene, si=si_next, ref=si)
+            mis = mis_weight(sample.pdf, scene.pdf_emitter_direction(
+                dr.detach(si), ds_next, ~mi.has_flag(sample.sampled_type, mi.BSDFFlags.Delta)))
+            with dr.resume_grad(when=not primal):
+                # selected: the BSDF's weight is not a number on some lanes it did not sample
+                reflected = dr.select(traced, bsdf_weight * mis * ds_next.emitter.eval(si_next, traced), 0)
+            if primal:
+                return seen + direct + reflected, hit, [], None
+            with dr.resume_grad():
+                # the sampled direction stays, the BSDF's value along it moves (prb's 'Lr_ind')
+                along = bsdf.eval(context, si, si.to_local(ray_next.d), traced)
+                radiance = seen + direct + reflected + dr.detach(reflected) * dr.relative_grad(along)
+                if mode == dr.ADMode.Backward:
+                    dr.backward_from(δL * radiance)
+                else:
+                    δL = δL + dr.forward_to(radiance)
+            return δL, hit, [], None
+
+    mi.register_integrator('direct_prb', lambda props: DirectPathReplay(props))
 
 
 def render_vertex_layout(faces: np.ndarray, uv_faces: np.ndarray) -> tuple:
