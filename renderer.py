@@ -94,7 +94,8 @@ def _register_direct_prb(mi) -> None:
     result). Same samples, same image, same gradients as 'prb' (tests/test_renderer.py); a
     backward pass of benchmark.py's stage-2 render 0.52 -> 0.31 s."""
     import drjit as dr
-    from mitsuba.ad.integrators.common import RBIntegrator, mis_weight
+    common = mi.ad.integrators.common  # the current variant's (Mitsuba reloads it for each)
+    RBIntegrator, mis_weight = common.RBIntegrator, common.mis_weight
 
     class DirectPathReplay(RBIntegrator):
         def sample(self, mode, scene, sampler, ray, δL, state_in, active, **kwargs):
