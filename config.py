@@ -86,7 +86,7 @@ class Config:
     # samples per pixel of stages 2 and 3 (0: rtTrainingSamples, as in NextFace)
     rtTrainingSamplesStep2: int = field(default=0, metadata=_between(0, 4096))
     rtTrainingSamplesStep3: int = field(default=0, metadata=_between(0, 4096))
-    # 'prb' (no silhouette gradients) or 'prb_projective' (silhouette gradients, ~2.2x slower;
+    # 'prb' (no silhouette gradients) or 'prb_projective' (silhouette gradients, ~4x slower;
     # see renderer.INTEGRATORS)
     integrator: str = field(default='prb', metadata=dict(choices=('prb', 'prb_projective')))
     seed: int = field(default=0, metadata=_between(0, 2 ** 31 - 1))

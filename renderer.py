@@ -20,12 +20,13 @@ import sphericalharmonics
 # The integrators a fit can use, both direct illumination (camera -> face -> light), rendering the
 # same image: 'prb' differentiates the shading only; 'prb_projective' adds the gradients of the
 # face's outline moving over the background and of the edges where the face hides itself
-# (projective sampling of primary visibility; shadows' edges are left out, sppi 0) at about 2.7x
-# the cost of a step. 'prb' is Mitsuba's path replay estimator unrolled for this one bounce
-# (``_register_direct_prb``). Mitsuba's 'direct_projective'
-# renders the same colours but an alpha of 1 wherever a ray meets the environment light, so the
-# face's coverage that the fit's masks are made of is lost (benchmark.py: 12.8 mm); it is not
-# offered. tests/test_renderer.py checks the image and the coverage of each one offered.
+# (projective sampling of primary visibility; shadows' edges are left out, sppi 0) at about 4x
+# the cost of a stage-2 render (2.55 s against 0.58 s forward and backward on benchmark.py's
+# problem). 'prb' is Mitsuba's path replay estimator written out for this one bounce
+# (``_register_direct_prb``). Mitsuba's 'direct_projective' renders the same colours but an
+# alpha of 1 wherever a ray meets the environment light, so the face's coverage that the fit's
+# masks are made of is lost (benchmark.py: 12.8 mm); it is not offered. tests/test_renderer.py
+# checks the image and the coverage of each one offered.
 INTEGRATORS = {'prb': {'type': 'direct_prb'},
                'prb_projective': {'type': 'prb_projective', 'max_depth': 2, 'sppi': 0}}
 
