@@ -55,6 +55,15 @@ def project(points: torch.Tensor, focal: torch.Tensor, centre: torch.Tensor) -> 
     return focal[:, None, None] * points[..., :2] / z[..., None] + centre[:, None, :]
 
 
+def face_box(pixels: torch.Tensor, width: int, height: int, margin: float):
+    """The whole pixels (x0, y0, x1, y1) that hold the projected vertices ``pixels`` [verts, 2]
+    and ``margin`` px around them inside the [height, width] image; None where that box is
+    under 8 px on a side (nothing to crop to)."""
+    low = torch.floor(pixels.min(0).values - margin).clamp_min(0)
+    high = torch.ceil(pixels.max(0).values + margin).clamp_max(torch.tensor([width, height]))
+    return (*low.int().tolist(), *high.int().tolist()) if bool((high - low >= 8).all()) else None
+
+
 def image_centres(sizes: list, dtype=torch.float32) -> torch.Tensor:
     """Image sizes [(w, h)] -> centres (w/2, h/2) [n, 2], the principal points of ``project``."""
     return torch.tensor([(width / 2, height / 2) for width, height in sizes], dtype=dtype)
@@ -360,11 +369,7 @@ class Pipeline:
             crop = None
             if vertices is not None and self.crop_to_face:
                 pixels = project(vertices.detach().cpu()[None], torch.tensor([focal]), self.centres[row:row + 1])[0]
-                margin = FACE_CROP_MARGIN * max(width, height)
-                low = torch.floor(pixels.min(0).values - margin).clamp_min(0)
-                high = torch.ceil(pixels.max(0).values + margin).clamp_max(torch.tensor([width, height]))
-                if bool((high - low >= 8).all()):
-                    crop = (*low.int().tolist(), *high.int().tolist())
+                crop = face_box(pixels, width, height, FACE_CROP_MARGIN * max(width, height))
             config = self.config
             self._renderers[row] = renderer.FaceRenderer(
                 self.model.faces, self.model.uv_faces, self.model.uvs, width, height, self.resolution,

@@ -238,10 +238,8 @@ def _cropped_renderer(setup, render_device, integrator: str, margin: int = 4) ->
     """A renderer that ray traces only the face's bounding box and ``margin`` pixels, as the fit's."""
     model, _, params, _ = setup
     pixels = pipeline.project(pipeline.model_vertices(model, params), params.focal, torch.tensor([[SIZE / 2, SIZE / 2]]))[0]
-    low = (pixels.min(0).values.floor() - margin).clamp_min(0).int().tolist()
-    high = (pixels.max(0).values.ceil() + margin).clamp_max(SIZE).int().tolist()
     return renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device,
-                                 integrator, crop=(*low, *high))
+                                 integrator, crop=pipeline.face_box(pixels, SIZE, SIZE, margin))
 
 
 def test_a_cropped_render_is_the_whole_images_pixels(render_device, setup):
