@@ -34,7 +34,7 @@ REPORT_FILE = 'manifest.json'
 SHARD_REPORT = re.compile(r'manifest\.shard-(\d+)-of-(\d+)\.json')  # a shard's REPORT_FILE (see part_file)
 TEMPORARY_PREFIX = '.tmp-'  # utils.atomic_path's temporary files
 # Config keys that a checkpoint depends on: with another value it cannot be continued.
-CHECKPOINT_CONFIG_KEYS = ('model', 'trimPca', 'bands', 'maxResolution')
+CHECKPOINT_CONFIG_KEYS = ('model', 'trimPca', 'bands', 'maxResolution', 'face')
 
 
 def part_file(name: str, part: str) -> str:

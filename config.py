@@ -35,6 +35,8 @@ class Config:
     device: str = field(default='cpu', metadata=dict(choices=('cpu', 'cuda')))
     # 2D landmark detector
     lamdmarksDetectorType: str = field(default='mediapipe', metadata=dict(choices=('mediapipe', 'fan')))
+    # which face where a photo shows several: 0 the largest, K the K-th from the left
+    face: int = field(default=0, metadata=_between(0, 100))
     # morphable model: 'bfm2017' (Basel 2017 + AlbedoMM), 'ict' (ICT-FaceKit) or 'flame' (FLAME 2020/2023)
     model: str = field(default='bfm2017', metadata=dict(choices=('bfm2017', 'ict', 'flame')))
     path: str = field(default='./baselMorphableModel',

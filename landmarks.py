@@ -161,6 +161,29 @@ def _largest(faces: list) -> tuple:
     return faces[index], index
 
 
+def choose_face(faces: list, face: int = 0) -> tuple:
+    """Landmarks [68, 2] of every face found -> (the face to fit, what was chosen in words): for
+    ``face`` 0 the largest, for K >= 1 the K-th from the left (by its landmarks' mean x); the face
+    None where there are fewer than K (or none)."""
+    if face > len(faces) or not faces:
+        found = f'{len(faces)} face{"s" if len(faces) != 1 else ""} found'
+        return None, found + (f', none {_ordinal(face)} from the left' if face else '')
+    from_left = sorted(range(len(faces)), key=lambda index: float(faces[index][:, 0].mean()))
+    if len(faces) == 1:
+        return faces[0], 'one face found'
+    if face == 0:
+        points, index = _largest(faces)
+        return points, (f'{len(faces)} faces found, fitting the largest ({_ordinal(from_left.index(index) + 1)} '
+                        f'from the left; --face K fits the K-th)')
+    return faces[from_left[face - 1]], f'{len(faces)} faces found, fitting the {_ordinal(face)} from the left'
+
+
+def _ordinal(number: int) -> str:
+    """1 -> '1st', 2 -> '2nd', 11 -> '11th', 23 -> '23rd'."""
+    suffix = 'th' if 10 <= number % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(number % 10, 'th')
+    return f'{number}{suffix}'
+
+
 @contextlib.contextmanager
 def native_logs_silenced():
     """MediaPipe's C++ code and TensorFlow Lite write their log lines (``W0000 …
@@ -209,9 +232,7 @@ class MediapipeDetector:
     def detect(self, image_uint8: np.ndarray) -> tuple:
         """[h, w, 3] uint8 RGB -> (landmarks [68, 2] of the largest face, number of faces found)."""
         faces = self.detect_all(image_uint8)
-        if not faces:
-            return None, 0
-        return _largest(faces)[0], len(faces)
+        return choose_face(faces)[0], len(faces)
 
 
 class FanDetector:
@@ -226,12 +247,16 @@ class FanDetector:
         landmark_type = getattr(face_alignment.LandmarksType, 'TWO_D', None) or face_alignment.LandmarksType._2D
         self._fan = face_alignment.FaceAlignment(landmark_type, device=device, flip_input=False)
 
-    def detect(self, image_uint8: np.ndarray) -> tuple:
+    def detect_all(self, image_uint8: np.ndarray) -> list:
+        """[h, w, 3] uint8 RGB -> landmarks [68, 2] of every face found."""
         small, scale = _downscaled(image_uint8)
         faces = self._fan.get_landmarks_from_image(np.ascontiguousarray(small))
-        if not faces:
-            return None, 0
-        return _largest([np.asarray(face)[:, :2] / scale for face in faces])[0], len(faces)
+        return [np.asarray(face)[:, :2] / scale for face in (faces or [])]
+
+    def detect(self, image_uint8: np.ndarray) -> tuple:
+        """[h, w, 3] uint8 RGB -> (landmarks [68, 2] of the largest face, number of faces found)."""
+        faces = self.detect_all(image_uint8)
+        return choose_face(faces)[0], len(faces)
 
 
 def read_landmark_file(path: str) -> np.ndarray:

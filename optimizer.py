@@ -222,7 +222,7 @@ def fit_clip(args: argparse.Namespace, config: Config, clip: video.Clip) -> int:
         print(f'--resume: the face was found in this clip before; {done} of {len(tracks)} frames already tracked')
     else:
         with tqdm(total=clip.frame_count or None, desc='finding the face', unit='frame', disable=quiet) as progress:
-            tracks = tracking.detect(clip, landmarks_module.MediapipeDetector(), progress)
+            tracks = tracking.detect(clip, landmarks_module.MediapipeDetector(), progress, config.face)
         tracking.save_found(found, tracks)
         with contextlib.suppress(FileNotFoundError):
             os.remove(tracked)  # frames tracked against other found faces
@@ -533,6 +533,8 @@ def parse_arguments(argv: list = None) -> argparse.Namespace:
                              "folder of <image stem>.txt")
     parser.add_argument('--device', choices=('cpu', 'cuda'), help='override config key device')
     parser.add_argument('--maxResolution', type=int, help='override config key maxResolution')
+    parser.add_argument('--face', type=int, metavar='K',
+                        help='where a photo shows several faces: fit the K-th from the left (default: the largest)')
     parser.add_argument('--iterations', type=int, nargs=3, metavar=('STEP1', 'STEP2', 'STEP3'),
                         help='override config keys iterStep1 iterStep2 iterStep3')
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config key')
@@ -578,6 +580,8 @@ def load_run_config(args: argparse.Namespace) -> Config:
         overrides['device'] = args.device
     if args.maxResolution is not None:
         overrides['maxResolution'] = args.maxResolution
+    if args.face is not None:
+        overrides['face'] = args.face
     if args.iterations:
         overrides.update(iterStep1=args.iterations[0], iterStep2=args.iterations[1], iterStep3=args.iterations[2])
     config = config.replace(**overrides)

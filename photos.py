@@ -169,11 +169,13 @@ def prepare_image(index: int, path: str, config: Config, detector, landmarks_pat
             raise InputError(str(error)) from None
         note = 'landmarks from file'
     else:
-        points, faces = detector.detect((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
-        if points is None:
+        faces = detector.detect_all((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+        if not faces:
             raise InputError(f'{path}: no face found; use a photo with a visible face, or give its 68 '
                              f'landmarks with --landmarks')
-        note = f'{faces} faces found, fitting the largest' if faces > 1 else 'one face found'
+        points, note = landmarks_module.choose_face(faces, config.face)
+        if points is None:
+            raise InputError(f'{path}: {note} (--face {config.face}); leave --face out to fit the largest')
     if reduction > 1:
         note += f'; the photo is {width}x{height} px, reduced {reduction}x on loading (longer side over {MAX_INPUT_SIDE} px)'
     return fit_image(index, path, pixels, reduction, points, config, note)

@@ -166,13 +166,14 @@ def face_box(points: np.ndarray) -> tuple:
     return (low + high) / 2, float((high - low).max())
 
 
-def follow(faces: list, previous: np.ndarray) -> np.ndarray:
+def follow(faces: list, previous: np.ndarray, face: int = 0) -> np.ndarray:
     """The face among ``faces`` ([68, 2] each) that is the person of ``previous`` (or, with none
-    before, the largest); None when that person is not among them."""
+    before, the one config key ``face`` picks: the largest, or the K-th from the left); None when
+    that person is not among them."""
     if not faces:
         return None
     if previous is None:
-        return max(faces, key=lambda face: face_box(face)[1])
+        return landmarks_module.choose_face(faces, face)[0]
     centre, size = face_box(previous)
     scored = []
     for face in faces:
@@ -232,9 +233,10 @@ def frontality(points: np.ndarray) -> float:
     return max(0.0, 1.0 - 2 * abs(float(points[30, 0] - between[0])) / max(eyes, 1e-6))
 
 
-def detect(clip: Clip, detector, progress=None) -> Tracks:
+def detect(clip: Clip, detector, progress=None, face: int = 0) -> Tracks:
     """Pass 1 over the clip: the tracked person's landmarks in every frame, shot cuts, frames
-    without a face -> Tracks (landmarks only)."""
+    without a face -> Tracks (landmarks only). The person is the one ``face`` picks (``follow``)
+    where tracking starts: at the first frame with faces and after each cut."""
     tracks, previous, last_thumbnail = Tracks(clip.frame_count or 1024), None, None
     differences = collections.deque(maxlen=CUT_HISTORY)
     for frame in clip.frames():
@@ -250,7 +252,7 @@ def detect(clip: Clip, detector, progress=None) -> Tracks:
         if cut:
             previous = None
         faces = find_faces(detector, frame.pixels, previous)
-        points = follow(faces, previous)
+        points = follow(faces, previous, face)
         if points is None:
             found = tracks.append(frame.index, frame.time, 'no face')
             previous = None if not faces else previous  # somebody else in view: keep looking for our person

@@ -100,6 +100,26 @@ def test_two_people_fits_one_face(ict_folder, tmp_path, capsys):
     assert os.path.isfile(tmp_path / 'mesh0.obj') and os.path.isfile(tmp_path / 'params0.json')
 
 
+def test_face_k_fits_the_kth_face_from_the_left(ict_folder, tmp_path, capsys):
+    """--face 1 and --face 2 fit the two people of two_people.jpg, the left one and the right one;
+    --face 3 is refused with what was found."""
+    photo = os.path.join(SHARED, 'photos', 'two_people.jpg')
+    if not os.path.isfile(photo):
+        pytest.skip('../shared/photos is not here')
+    crop_x = {}
+    for k in (1, 2):
+        status, out = run(['--input', photo, '--output', str(tmp_path / str(k)), '--face', str(k)]
+                          + ict_args(ict_folder, 30, 0, 0), capsys)
+        assert status == 0, out
+        assert f'2 faces found, fitting the {("1st", "2nd")[k - 1]} from the left' in out
+        crop_x[k] = json.loads((tmp_path / str(k) / 'params0.json').read_text())['crop'][0]  # photo pixels
+    width = Image.open(photo).width
+    assert crop_x[1] < width / 2 < crop_x[2], crop_x  # the fitted squares: one on each side of the photo
+    status, out = run(['--input', photo, '--output', str(tmp_path / '3'), '--face', '3']
+                      + ict_args(ict_folder, 30, 0, 0), capsys)
+    assert status == 1 and '2 faces found, none 3rd from the left (--face 3)' in out, out
+
+
 def test_landmarks_from_a_file(ict_folder, astronaut, tmp_path, capsys):
     points = tmp_path / 'lm.txt'
     np.savetxt(points, np.full((67, 2), 100.0))

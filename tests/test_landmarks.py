@@ -9,6 +9,18 @@ import pipeline
 import synthetic
 
 
+def test_the_face_to_fit_is_the_largest_or_the_kth_from_the_left():
+    face = lambda x, size: np.stack([np.linspace(x, x + size, 68), np.linspace(50, 50 + size, 68)], axis=1)
+    faces = [face(300, 60), face(20, 40), face(150, 90)]  # left to right: 20, 150, 300; the largest at 150
+    chosen, said = landmarks.choose_face(faces)
+    assert chosen[0, 0] == 150 and said == '3 faces found, fitting the largest (2nd from the left; --face K fits the K-th)'
+    assert [landmarks.choose_face(faces, k)[0][0, 0] for k in (1, 2, 3)] == [20, 150, 300]
+    assert landmarks.choose_face(faces, 3)[1] == '3 faces found, fitting the 3rd from the left'
+    assert landmarks.choose_face(faces, 4) == (None, '3 faces found, none 4th from the left')
+    assert landmarks.choose_face([face(10, 50)], 1)[1] == landmarks.choose_face([face(10, 50)])[1] == 'one face found'
+    assert landmarks.choose_face([], 0) == (None, '0 faces found')
+
+
 def test_convex_blends_recover_known_blends_of_detected_points():
     """Detected points that move independently from face to face, and 'true' points that are
     known convex blends of 1-3 neighbouring ones: convex_blends gives back those weights."""

@@ -243,6 +243,10 @@ def test_with_two_people_in_view_the_tracked_one_is_followed():
     assert tracking.follow([big_stranger, face(104, 98, 82)], tracked)[0, 0] == 104
     assert tracking.follow([big_stranger], tracked) is None  # our person left the frame
     assert tracking.follow([face(104, 98, 82), big_stranger], None)[0, 0] == 400  # a new shot: the largest
+    # ... or with config key face = K (--face K) the K-th from the left, then followed as before
+    assert tracking.follow([big_stranger, face(104, 98, 82)], None, 1)[0, 0] == 104
+    assert tracking.follow([big_stranger, face(104, 98, 82)], None, 2)[0, 0] == 400
+    assert tracking.follow([big_stranger], None, 2) is None  # the second from the left is not in view
 
 
 def test_a_rendered_face_recovers_known_yaw_and_jaw_curves(ict_folder, tmp_path):
