@@ -102,6 +102,8 @@ class Photo:
     shown_origin: np.ndarray      # [2] the input pixel at the shown image's top left corner
     detected: np.ndarray = None   # [68, 2] as the detector found them (None: no face found)
     points: np.ndarray = None     # [68, 2] as corrected
+    faces: list = field(default_factory=list)  # [68, 2] of every face found, input px, left to right
+    face: int = 0                 # which of them is shown (and fitted)
 
 
 @dataclass
@@ -140,14 +142,14 @@ class Sessions:
 _detector, _detector_lock = None, threading.Lock()
 
 
-def detect(pixels: np.ndarray):
-    """Landmarks [68, 2] of the largest face in [h, w, 3] sRGB floats, or None."""
+def detect(pixels: np.ndarray) -> list:
+    """Landmarks [68, 2] of every face in [h, w, 3] sRGB floats, from left to right."""
     global _detector
     with _detector_lock:  # one MediaPipe graph, used by one request at a time
         if _detector is None:
             _detector = landmarks_module.MediapipeDetector()
-        points, _ = _detector.detect((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
-    return points
+        faces = _detector.detect_all((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+    return sorted(faces, key=lambda face: float(face[:, 0].mean()))
 
 
 def read_upload(path: str, index: int, folder: str) -> Photo:
@@ -163,15 +165,37 @@ def read_upload(path: str, index: int, folder: str) -> Photo:
     stored = os.path.join(folder, 'photos', f'photo{index}{extension}')
     os.makedirs(os.path.dirname(stored), exist_ok=True)
     shutil.copyfile(path, stored)
-    points = detect(pixels)
+    faces = [face * reduction for face in detect(pixels)]  # input pixels
+    largest = landmarks_module.choose_face(faces)[0]
+    photo = Photo(name, stored, None, 1.0, np.zeros(2), faces=faces,
+                  face=next((k for k, face in enumerate(faces) if face is largest), 0))
+    show_face(photo, pixels, reduction)
+    return photo
+
+
+def show_face(photo: Photo, pixels: np.ndarray, reduction: int) -> None:
+    """Show ``photo``'s face number ``photo.face`` (the whole photo where it has none), and take
+    its detected landmarks; ``pixels`` [h, w, 3] as loaded (input px = loaded px · reduction)."""
+    points = photo.faces[photo.face] / reduction if photo.faces else None
     height, width = pixels.shape[:2]
     x0, y0, x1, y1 = (0, 0, width, height) if points is None else photos.face_crop(points, width, height)
     scale = DISPLAY_SIDE / max(x1 - x0, y1 - y0)  # the face fills the editor, enlarged if it is small
-    shown = Image.fromarray((pixels[y0:y1, x0:x1] * 255).astype(np.uint8)).resize(
-        (round((x1 - x0) * scale), round((y1 - y0) * scale)), Image.LANCZOS)
-    detected = None if points is None else points * reduction  # input pixels
-    return Photo(name, stored, np.asarray(shown), scale / reduction, np.array([x0, y0], float) * reduction, detected,
-                 None if detected is None else detected.copy())
+    photo.shown = np.asarray(Image.fromarray((pixels[y0:y1, x0:x1] * 255).astype(np.uint8)).resize(
+        (round((x1 - x0) * scale), round((y1 - y0) * scale)), Image.LANCZOS))
+    photo.shown_scale, photo.shown_origin = scale / reduction, np.array([x0, y0], float) * reduction
+    photo.detected = None if points is None else photo.faces[photo.face].copy()
+    photo.points = None if points is None else photo.detected.copy()
+
+
+def next_face(photo: Photo) -> str:
+    """Show and fit the next face of ``photo`` from the left (after the last, the first again);
+    its landmarks as detected (corrections of the one before are dropped) -> what was done."""
+    if len(photo.faces) < 2:
+        return f'{photo.name}: {"one face" if photo.faces else "no face"} found, no other to show.'
+    photo.face = (photo.face + 1) % len(photo.faces)
+    pixels, reduction, _ = photos.load_image(photo.path)
+    show_face(photo, pixels, reduction)
+    return f'{photo.name}: face {photo.face + 1} of {len(photo.faces)} from the left.'
 
 
 def landmark_view(photo: Photo, selected: int = None) -> np.ndarray:
@@ -315,7 +339,9 @@ def build_app(models: dict, sessions: Sessions) -> gr.Blocks:
                 chosen = gr.Dropdown(label='Photo', choices=[], elem_id='chosen')
                 editor = gr.Image(label='Landmarks: click a point, then its new place', interactive=False,
                                   elem_id='editor', type='numpy', buttons=[])
-                reset = gr.Button('Reset the landmarks of this photo', elem_id='reset')
+                with gr.Row():
+                    reset = gr.Button('Reset the landmarks of this photo', elem_id='reset')
+                    other_face = gr.Button('Next face in this photo', elem_id='next-face')
                 live = gr.Image(label='The fit as it goes', interactive=False, elem_id='live', buttons=[], height=320)
         with gr.Row():
             composite = gr.Image(label='Result: photo | overlay | reconstruction | maps', interactive=False,
@@ -342,6 +368,9 @@ def build_app(models: dict, sessions: Sessions) -> gr.Blocks:
                 session.photos.append(photo)
                 if photo.points is None:
                     notes.append(f'{photo.name}: no face found; it will not be fitted')
+                elif len(photo.faces) > 1:
+                    notes.append(f'{photo.name}: {len(photo.faces)} faces, showing the largest (face {photo.face + 1} '
+                                 f'from the left); "Next face in this photo" shows the others')
             if files and len(files) > MAX_PHOTOS:
                 notes.append(f'only the first {MAX_PHOTOS} photos are used')
             names = [photo.name for photo in session.photos]
@@ -385,6 +414,15 @@ def build_app(models: dict, sessions: Sessions) -> gr.Blocks:
                 return gr.skip(), 'Nothing to reset.'
             photo.points, session.selected = photo.detected.copy(), None
             return landmark_view(photo), f'{photo.name}: the detected landmarks are back.'
+
+        def on_next_face(name, request: gr.Request):
+            session = sessions.get(request)
+            photo = current(session, name)
+            if photo is None:
+                return gr.skip(), 'Drop photos to begin.'
+            session.selected = None
+            said = next_face(photo)
+            return landmark_view(photo), said
 
         def on_preset(name):
             return preset_steps(name)
@@ -453,6 +491,7 @@ def build_app(models: dict, sessions: Sessions) -> gr.Blocks:
         chosen.change(on_choose, chosen, editor)
         editor.select(on_click, chosen, [editor, status])
         reset.click(on_reset, chosen, [editor, status])
+        other_face.click(on_next_face, chosen, [editor, status])
         preset.change(on_preset, preset, [steps2, steps3])
         # the head is shown by a plain function after the run: Gradio 6.31's 3D viewer stays
         # empty when a generator sets it

@@ -68,6 +68,9 @@ def test_upload_correct_a_landmark_fit_and_look_at_the_result(app, tmp_path):
         photo = session.photos[0]
         nose = photo.points[30].copy()
         page.screenshot(path=str(tmp_path / '1-uploaded.png'), full_page=True)
+        page.locator('#next-face').click()  # one face here: nothing else to show
+        page.wait_for_function("document.querySelector('#status').innerText.includes('one face found, no other to show')")
+        assert np.array_equal(photo.points[30], nose)
 
         # select the nose tip, then click 25 shown pixels to the right of it
         shown = (nose - photo.shown_origin) * photo.shown_scale
@@ -128,6 +131,31 @@ def test_upload_correct_a_landmark_fit_and_look_at_the_result(app, tmp_path):
         assert {'head0.glb', 'mesh0.obj', 'diffuseMap_0.png', 'render_0.png'} <= set(names)
         browser.close()
         print(f'screenshots in {tmp_path}')
+
+
+def test_a_photo_of_two_people_shows_the_largest_face_and_then_the_other(tmp_path):
+    """'Next face in this photo' shows and fits the other person of two_people.jpg, then the
+    first again; each with its own detected landmarks, the photo cropped around it."""
+    path = os.path.join(SHARED, 'photos', 'two_people.jpg')
+    if not os.path.isfile(path):
+        pytest.skip('../shared/photos is not here')
+    photo = gui.read_upload(path, 0, str(tmp_path))
+    assert len(photo.faces) == 2
+    largest = photo.points.copy()
+    assert any(np.array_equal(largest, face) for face in photo.faces)
+    origins, centres = [photo.shown_origin.copy()], [largest.mean(0)]
+    said = gui.next_face(photo)
+    assert said == f'two_people.jpg: face {photo.face + 1} of 2 from the left.'
+    origins.append(photo.shown_origin.copy())
+    centres.append(photo.points.mean(0))
+    assert np.array_equal(photo.points, photo.detected) and not np.allclose(photo.points, largest)
+    # the shown crop moved with the face: each face's centre lies inside its own crop
+    side = max(photo.shown.shape[:2]) / photo.shown_scale  # input px
+    for origin, centre in zip(origins, centres):
+        assert (origin < centre).all() and (centre < origin + side).all()
+    assert abs(origins[0][0] - origins[1][0]) > side / 2
+    gui.next_face(photo)
+    assert np.array_equal(photo.points, largest)
 
 
 def test_the_presets_steps_come_from_their_config_files():
