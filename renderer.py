@@ -100,8 +100,9 @@ def _register_direct_prb(mi) -> None:
 
     class DirectPathReplay(RBIntegrator):
         def sample(self, mode, scene, sampler, ray, δL, state_in, active, **kwargs):
-            """Radiance of each camera ray [n] (Primal), or its adjoint ``δL`` [n] propagated to
-            the scene parameters (Backward) or from them (Forward) -> (L or δL, hit, [], None)."""
+            """Radiance of each camera ray [n] (Primal); its adjoint ``δL`` [n] propagated to
+            the scene parameters (Backward); or its derivative along the scene parameters'
+            gradients (Forward) -> (radiance or derivative, hit, [], None)."""
             primal = mode == dr.ADMode.Primal
             context = mi.BSDFContext()
             ray = mi.Ray3f(dr.detach(ray))
@@ -144,9 +145,8 @@ def _register_direct_prb(mi) -> None:
                 radiance = seen + direct + reflected + dr.detach(reflected) * dr.relative_grad(along)
                 if mode == dr.ADMode.Backward:
                     dr.backward_from(δL * radiance)
-                else:
-                    δL = δL + dr.forward_to(radiance)
-            return δL, hit, [], None
+                    return δL, hit, [], None
+                return dr.forward_to(radiance), hit, [], None
 
     mi.register_integrator('direct_prb', lambda props: DirectPathReplay(props))
 

@@ -193,7 +193,7 @@ def test_prb_is_mitsubas_path_replay_estimator(monkeypatch, render_device, setup
     """'prb' is Mitsuba's 'prb' at max_depth 2 written out for its one bounce (renderer.py,
     ``_register_direct_prb``): with the same seed the same image, and the same gradients of every
     input (up to rounding: the order in which the ray tracer adds them up), the background and a
-    strong specular lobe included."""
+    strong specular lobe included; and in forward mode the same derivative image."""
     model, face, params, sh = setup
     monkeypatch.setitem(renderer.INTEGRATORS, 'mitsuba_prb', {'type': 'prb', 'max_depth': 2})
     mitsubas = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device,
@@ -224,6 +224,27 @@ def test_prb_is_mitsubas_path_replay_estimator(monkeypatch, render_device, setup
         difference = float((gradient - expected).norm() / expected.norm())
         print(f'{name}: |gradient - prb\'s| / |prb\'s| = {difference:.2g}')
         assert float(expected.norm()) > 0 and difference < 1e-3, name
+
+    # forward mode too: the derivative image along a direction of the vertices
+    direction = torch.randn(len(face.geometry_index) * 3, generator=generator).tolist()
+
+    def derivative_image(renderer_: renderer.FaceRenderer) -> torch.Tensor:
+        mi, dr, params = renderer_.mi, renderer_.dr, renderer_.params
+        renderer_.render(*inputs, float(params_focal), 16, 3)  # the same scene in it
+        positions = params[renderer_.keys['positions']]
+        dr.enable_grad(positions)
+        params.update()
+        image = mi.render(renderer_.scene, params, seed=3, spp=16)
+        dr.set_grad(positions, mi.Float(direction))
+        derivative = dr.forward_to(image)
+        dr.disable_grad(positions)
+        return torch.from_numpy(np.array(derivative))
+
+    params_focal = params.focal[0]
+    forward, reference_forward = derivative_image(face), derivative_image(mitsubas)
+    difference = float((forward - reference_forward).norm() / reference_forward.norm())
+    print(f'forward mode: |derivative - prb\'s| / |prb\'s| = {difference:.2g}')
+    assert float(reference_forward.abs().max()) > 0 and difference < 1e-3
 
 
 def _far_face(setup) -> tuple:
