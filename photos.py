@@ -167,7 +167,7 @@ def prepare_image(index: int, path: str, config: Config, detector, landmarks_pat
                 landmarks_module.landmark_file_for(landmarks_path, path)) / reduction
         except landmarks_module.LandmarkError as error:
             raise InputError(str(error)) from None
-        note = 'landmarks from file'
+        note = 'landmarks from file' + (f' (--face {config.face} does not apply to them)' if config.face else '')
     else:
         faces = detector.detect_all((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
         if not faces:

@@ -295,11 +295,19 @@ def test_resume_matches_photos_by_content_not_position(photo, ict, tmp_path, cap
     assert status == 0 and text.count('already fitted, skipped') == 2
 
 
+def test_face_k_says_it_does_not_apply_to_landmarks_from_a_file(photo, ict, tmp_path, capsys):
+    status, text = run(['--input', photo['image'], '--landmarks', photo['landmarks'], '--output', tmp_path / 'out',
+                        '--face', '2'] + STAGE1 + ict, capsys)
+    assert status == 0 and 'landmarks from file (--face 2 does not apply to them)' in text
+
+
 def test_resume_refuses_checkpoints_of_another_config(photo, ict, tmp_path, capsys):
     args = ['--input', photo['image'], '--landmarks', photo['landmarks'], '--output', tmp_path / 'out'] + STAGE1 + ict
     assert run(args, capsys)[0] == 0
     status, text = run(args + ['--resume', '--set', 'bands=3'], capsys)
     assert status == 2 and 'bands was 9, now 3' in text and '--overwrite' in text
+    status, text = run(args + ['--resume', '--face', '2'], capsys)  # another person of the photo
+    assert status == 2 and 'face was 0, now 2' in text
     (tmp_path / 'out' / 'checkpoints' / 'run.json').write_text('{"config": ')
     status, text = run(args + ['--resume'], capsys)
     assert status == 2 and 'run.json' in text and 'is damaged' in text
