@@ -149,7 +149,7 @@ def detect(pixels: np.ndarray) -> list:
         if _detector is None:
             _detector = landmarks_module.MediapipeDetector()
         faces = _detector.detect_all((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
-    return sorted(faces, key=lambda face: float(face[:, 0].mean()))
+    return landmarks_module.from_left(faces)
 
 
 def read_upload(path: str, index: int, folder: str) -> Photo:
@@ -166,9 +166,8 @@ def read_upload(path: str, index: int, folder: str) -> Photo:
     os.makedirs(os.path.dirname(stored), exist_ok=True)
     shutil.copyfile(path, stored)
     faces = [face * reduction for face in detect(pixels)]  # input pixels
-    largest = landmarks_module.choose_face(faces)[0]
     photo = Photo(name, stored, None, 1.0, np.zeros(2), faces=faces,
-                  face=next((k for k, face in enumerate(faces) if face is largest), 0))
+                  face=landmarks_module.largest(faces)[1] if faces else 0)
     show_face(photo, pixels, reduction)
     return photo
 

@@ -154,28 +154,33 @@ def _downscaled(image_uint8: np.ndarray):
     return np.asarray(Image.fromarray(image_uint8).resize(size, Image.BILINEAR)), size[0] / width
 
 
-def _largest(faces: list) -> tuple:
+def largest(faces: list) -> tuple:
     """[[68, 2], ...] -> (the face with the largest landmark bounding box, its index)."""
     areas = [np.prod(face.max(axis=0) - face.min(axis=0)) for face in faces]
     index = int(np.argmax(areas))
     return faces[index], index
 
 
+def from_left(faces: list) -> list:
+    """[[68, 2], ...] in the order of their landmarks' mean x, left to right."""
+    return sorted(faces, key=lambda face: float(face[:, 0].mean()))
+
+
 def choose_face(faces: list, face: int = 0) -> tuple:
     """Landmarks [68, 2] of every face found -> (the face to fit, what was chosen in words): for
-    ``face`` 0 the largest, for K >= 1 the K-th from the left (by its landmarks' mean x); the face
-    None where there are fewer than K (or none)."""
+    ``face`` 0 the largest, for K >= 1 the K-th from the left (``from_left``); the face None
+    where there are fewer than K (or none)."""
     if face > len(faces) or not faces:
         found = f'{len(faces)} face{"s" if len(faces) != 1 else ""} found'
         return None, found + (f', none {_ordinal(face)} from the left' if face else '')
-    from_left = sorted(range(len(faces)), key=lambda index: float(faces[index][:, 0].mean()))
     if len(faces) == 1:
         return faces[0], 'one face found'
+    ordered = from_left(faces)
     if face == 0:
-        points, index = _largest(faces)
-        return points, (f'{len(faces)} faces found, fitting the largest ({_ordinal(from_left.index(index) + 1)} '
-                        f'from the left; --face K fits the K-th)')
-    return faces[from_left[face - 1]], f'{len(faces)} faces found, fitting the {_ordinal(face)} from the left'
+        points, index = largest(ordered)
+        return points, (f'{len(faces)} faces found, fitting the largest ({_ordinal(index + 1)} from the left; '
+                        f'--face K fits the K-th)')
+    return ordered[face - 1], f'{len(faces)} faces found, fitting the {_ordinal(face)} from the left'
 
 
 def _ordinal(number: int) -> str:

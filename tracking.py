@@ -176,12 +176,12 @@ def follow(faces: list, previous: np.ndarray, face: int = 0) -> np.ndarray:
         return landmarks_module.choose_face(faces, face)[0]
     centre, size = face_box(previous)
     scored = []
-    for face in faces:
-        other_centre, other_size = face_box(face)
+    for candidate in faces:
+        other_centre, other_size = face_box(candidate)
         distance = float(np.linalg.norm(other_centre - centre)) / size
         ratio = max(other_size / size, size / other_size)
         if distance < FOLLOW_DISTANCE and ratio < FOLLOW_SIZE_RATIO:
-            scored.append((distance, face))
+            scored.append((distance, candidate))
     return min(scored, key=lambda item: item[0])[1] if scored else None
 
 

@@ -229,18 +229,17 @@ def test_prb_is_mitsubas_path_replay_estimator(monkeypatch, render_device, setup
     direction = torch.randn(len(face.geometry_index) * 3, generator=generator).tolist()
 
     def derivative_image(renderer_: renderer.FaceRenderer) -> torch.Tensor:
-        mi, dr, params = renderer_.mi, renderer_.dr, renderer_.params
-        renderer_.render(*inputs, float(params_focal), 16, 3)  # the same scene in it
-        positions = params[renderer_.keys['positions']]
+        mi, dr, scene_params = renderer_.mi, renderer_.dr, renderer_.params
+        renderer_.render(*inputs, float(params.focal[0]), 16, 3)  # the same scene in it
+        positions = scene_params[renderer_.keys['positions']]
         dr.enable_grad(positions)
-        params.update()
-        image = mi.render(renderer_.scene, params, seed=3, spp=16)
+        scene_params.update()
+        image = mi.render(renderer_.scene, scene_params, seed=3, spp=16)
         dr.set_grad(positions, mi.Float(direction))
         derivative = dr.forward_to(image)
         dr.disable_grad(positions)
         return torch.from_numpy(np.array(derivative))
 
-    params_focal = params.focal[0]
     forward, reference_forward = derivative_image(face), derivative_image(mitsubas)
     difference = float((forward - reference_forward).norm() / reference_forward.norm())
     print(f'forward mode: |derivative - prb\'s| / |prb\'s| = {difference:.2g}')
