@@ -343,7 +343,7 @@ def track_frame(frame: FrameTrack, landmark_model: MorphableModel, focal: torch.
                               for key, shape in problem.sizes.items() if key in TEMPORAL_SIGMA})
     lower, upper = problem.bounds()
     x, _ = fitting.levenberg_marquardt(lambda v: problem.residuals(v, focal, anchor, weights), x0, iterations,
-                                       lower=lower, upper=upper)
+                                       lower=lower, upper=upper, jacobian=lambda v: problem.jacobian(v, focal, anchor, weights))
     p = problem.unpack(x)
     frame.rotation, frame.translation = p['rotation'][0].float().numpy(), p['translation'][0].float().numpy()
     frame.expression = p['expression'][0].float().numpy()

@@ -121,6 +121,32 @@ def test_shared_identity_fits_one_shape_for_several_images(small_bfm):
     assert (shape_error(model, fitted, truth) < 0.7 * shape_error(model, mean_face, truth)).all()
 
 
+@pytest.mark.parametrize('optimize_focal, shared_identity, anchored', [(True, False, False), (True, True, False),
+                                                                       (False, False, True)])
+def test_landmark_jacobian_is_forward_modes(small_bfm, optimize_focal, shared_identity, anchored):
+    """Levenberg-Marquardt's Jacobian (reverse mode per part) equals forward mode through the
+    residuals, at a random point: fitted or fixed focal length, an identity per image or one
+    shared, and with a tracked clip's temporal anchor."""
+    model = modelFiles.load_bfm2017(small_bfm['folder'], small_bfm['association'])
+    generator = torch.Generator().manual_seed(6)
+    truth = truth_parameters(model, 2, 1, identity=0.7 * torch.randn(1, model.n_shape, generator=generator),
+                             rotation=torch.tensor([[0.0, 0.4, 0.0], [0.1, -0.3, 0.0]]),
+                             translation=torch.tensor([[0.0, 0.0, 700.0]] * 2), focal=torch.tensor([800.0] * 2))
+    targets = fitting.Targets.of(model, synthetic_images(model, truth))
+    cfg = config.Config().replace(optimizeFocalLength=optimize_focal)
+    problem = fitting.LandmarkProblem(model.landmark_model(), targets, cfg, [0, 0] if shared_identity else None)
+    focal = torch.tensor([800.0, 800.0], dtype=torch.float64)
+    x = problem.pack(**{key: 0.1 * torch.randn(size, generator=generator, dtype=torch.float64)
+                        for key, size in problem.sizes.items()})
+    x = x + problem.pack(**{key: torch.zeros(size, dtype=torch.float64) for key, size in problem.sizes.items()
+                            if key != 'translation'}, translation=torch.tensor([[0.0, 0.0, 700.0]] * 2, dtype=torch.float64))
+    anchor, weights = (x + 0.01, torch.rand(x.shape, generator=generator, dtype=torch.float64)) if anchored else (None, None)
+    expected = torch.func.jacfwd(lambda v: problem.residuals(v, focal, anchor, weights))(x)
+    jacobian = problem.jacobian(x, focal, anchor, weights)
+    assert jacobian.shape == expected.shape == (len(problem.residuals(x, focal, anchor, weights)), len(x))
+    assert torch.allclose(jacobian, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+
+
 def test_ict_expressions_are_blendshape_weights_in_0_1(ict_folder):
     """ICT-FaceKit's expressions are fitted as blendshape weights, within [0, 1]: a known jaw
     opening, smile and blink come back, and no weight leaves the range (the N(0, 1) prior alone
