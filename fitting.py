@@ -485,18 +485,24 @@ def face_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: flo
     return mask, rows * res + cols
 
 
-def light_basis_images(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: float, maps: tuple,
-                       mask: torch.Tensor) -> torch.Tensor:
+def light_basis_images(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: float, mask: torch.Tensor) -> tuple:
     """The face pixels ``mask`` [h, w] under each of the first SOLVED_BANDS² SH basis lights
-    (white), with reflectance ``maps`` -> [k, bands², 3]."""
+    (white) -> (with a white diffuse map, with a white specular map) [k, bands², 3] each.
+    One render gives both: with the diffuse map red and the specular map green, the red channel is
+    the diffuse render and the green the specular one, sample for sample (no sample's path depends
+    on the maps' colours: the light is sampled by its own luminance, the BSDF by its lobe weights
+    and roughness)."""
     count = solved_coefficients(pipeline.config)
     basis = pipeline.envmap.basis[..., :count] * pipeline.envmap.window[:count]
+    res = pipeline.resolution
+    colour = lambda *rgb: torch.tensor(rgb, dtype=torch.float32).expand(res, res, 3)
+    maps = colour(1.0, 0.0, 0.0), colour(0.0, 1.0, 0.0), torch.full((res, res, 1), INITIAL_ROUGHNESS)
     render = lambda light: pipeline.render_maps(row, vertices, focal, *maps, light[..., None].expand(-1, -1, 3),
                                                 SOLVE_SPP)[mask][:, :3]
     uniform = render(basis[..., 0])
-    images = [uniform] + [render(POSITIVE_OFFSET * basis[..., 0] + basis[..., k]) - POSITIVE_OFFSET * uniform
-                          for k in range(1, basis.shape[-1])]
-    return torch.stack(images, dim=1)
+    images = torch.stack([uniform] + [render(POSITIVE_OFFSET * basis[..., 0] + basis[..., k]) - POSITIVE_OFFSET * uniform
+                                      for k in range(1, basis.shape[-1])], dim=1)  # [k, bands², 3]
+    return images[..., 0:1].expand(-1, -1, 3), images[..., 1:2].expand(-1, -1, 3)
 
 
 def solved_coefficients(config: Config) -> int:
@@ -509,8 +515,6 @@ def solve_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: fl
     """The face pixels ``mask`` [h, w] of image row ``row`` (at ``texels`` [k]), rendered under
     the basis lights white diffuse and white specular, and the statistical albedo at them."""
     res, model = pipeline.resolution, pipeline.model
-    white, black = torch.ones(res, res, 3), torch.zeros(res, res, 3)
-    roughness = torch.full((res, res, 1), INITIAL_ROUGHNESS)
     interpolation = pipeline.texels(res)[0].weights[texels.numpy()]  # [k, verts] scipy CSR
 
     def at_pixels(mean: torch.Tensor, basis: torch.Tensor) -> tuple:
@@ -518,10 +522,9 @@ def solve_pixels(pipeline: Pipeline, row: int, vertices: torch.Tensor, focal: fl
         flat = basis.permute(1, 2, 0).reshape(len(mean), -1).numpy()  # [verts, 3·n]
         return (torch.from_numpy(interpolation @ mean.numpy()),
                 torch.from_numpy(np.asarray(interpolation @ flat)).reshape(len(texels), 3, -1))  # float32: 40 MB at 20k px
+    diffuse, specular = light_basis_images(pipeline, row, vertices, focal, mask)
     return SolvePixels(
-        photo=photo[mask].double(),
-        diffuse=light_basis_images(pipeline, row, vertices, focal, (white, black, roughness), mask).double(),
-        specular=light_basis_images(pipeline, row, vertices, focal, (black, white, roughness), mask).double(),
+        photo=photo[mask].double(), diffuse=diffuse.double(), specular=specular.double(),
         diffuse_albedo=at_pixels(model.diffuse_mean, model.diffuse_basis),
         specular_albedo=at_pixels(model.specular_mean, model.specular_basis))
 

@@ -210,6 +210,28 @@ def test_least_squares_solve_light_and_albedo_for_the_stage1_geometry(fitted):
     assert error < 1.1 * true_error, (error, true_error)
 
 
+def test_one_render_gives_the_diffuse_and_the_specular_basis_images(fitted):
+    """The start's basis images (the diffuse map red, the specular map green, one render a light)
+    are, channel for channel, the renders with a white diffuse map and a black specular one and
+    the other way round, at the same samples; and the specular ones are not the diffuse ones."""
+    scene, params = fitted['scene'], fitted['stage1']
+    vertices, focal = scene.vertices(params)[0].detach(), float(params.focal[0])
+    mask, _ = fitting.face_pixels(scene, 0, vertices, focal)
+    diffuse, specular = fitting.light_basis_images(scene, 0, vertices, focal, mask)
+    res, count = scene.resolution, fitting.solved_coefficients(scene.config)
+    white, black = torch.ones(res, res, 3), torch.zeros(res, res, 3)
+    roughness = torch.full((res, res, 1), pipeline.INITIAL_ROUGHNESS)
+    light = fitting.POSITIVE_OFFSET * scene.envmap.basis[..., 0] + scene.envmap.basis[..., 2] * scene.envmap.window[2]
+    render = lambda maps, light: scene.render_maps(0, vertices, focal, *maps, light[..., None].expand(-1, -1, 3),
+                                                   fitting.SOLVE_SPP)[mask][:, :3]
+    for images, maps in ((diffuse, (white, black, roughness)), (specular, (black, white, roughness))):
+        uniform = render(maps, scene.envmap.basis[..., 0])
+        expected = render(maps, light) - fitting.POSITIVE_OFFSET * uniform
+        assert images.shape == (int(mask.sum()), count, 3)
+        assert torch.allclose(images[:, 0], uniform, atol=1e-6) and torch.allclose(images[:, 2], expected, atol=1e-5)
+    assert (diffuse - specular).abs().mean() > 0.1 * diffuse.abs().mean()
+
+
 def test_photometric_steps_lower_the_error_of_a_perturbed_frame(small_bfm, render_device):
     """A frame whose pose and expression are off (as a landmark fit may leave them): a few
     photometric steps, held to that start by a weak prior, lower its photometric error."""
