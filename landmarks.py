@@ -208,7 +208,20 @@ def native_logs_silenced():
         os.close(devnull)
 
 
-class MediapipeDetector:
+class Detector:
+    """A landmark detector: ``detect_all`` gives every face found; ``detect`` the largest."""
+
+    def detect_all(self, image_uint8: np.ndarray) -> list:
+        """[h, w, 3] uint8 RGB -> landmarks [68, 2] of every face found."""
+        raise NotImplementedError
+
+    def detect(self, image_uint8: np.ndarray) -> tuple:
+        """[h, w, 3] uint8 RGB -> (landmarks [68, 2] of the largest face, number of faces found)."""
+        faces = self.detect_all(image_uint8)
+        return choose_face(faces)[0], len(faces)
+
+
+class MediapipeDetector(Detector):
     """MediaPipe's face mesh (legacy ``solutions.face_mesh``, bundled in mediapipe 0.10.21)."""
 
     def __init__(self, max_faces: int = 5):
@@ -234,13 +247,8 @@ class MediapipeDetector:
         """[h, w, 3] uint8 RGB -> landmarks [68, 2] of every face found."""
         return [_MEDIAPIPE_BLEND @ mesh for mesh in self.meshes(image_uint8)]
 
-    def detect(self, image_uint8: np.ndarray) -> tuple:
-        """[h, w, 3] uint8 RGB -> (landmarks [68, 2] of the largest face, number of faces found)."""
-        faces = self.detect_all(image_uint8)
-        return choose_face(faces)[0], len(faces)
 
-
-class FanDetector:
+class FanDetector(Detector):
     """FAN (``face-alignment``); it downloads its weights on first use."""
 
     def __init__(self, device: str = 'cpu'):
@@ -257,11 +265,6 @@ class FanDetector:
         small, scale = _downscaled(image_uint8)
         faces = self._fan.get_landmarks_from_image(np.ascontiguousarray(small))
         return [np.asarray(face)[:, :2] / scale for face in (faces or [])]
-
-    def detect(self, image_uint8: np.ndarray) -> tuple:
-        """[h, w, 3] uint8 RGB -> (landmarks [68, 2] of the largest face, number of faces found)."""
-        faces = self.detect_all(image_uint8)
-        return choose_face(faces)[0], len(faces)
 
 
 def read_landmark_file(path: str) -> np.ndarray:
