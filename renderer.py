@@ -18,17 +18,16 @@ import sphericalharmonics
 
 
 # The integrators a fit can use, both direct illumination (camera -> face -> light), rendering the
-# same image in expectation: 'prb' differentiates the shading only; 'prb_projective' (Mitsuba's)
-# adds the gradients of the face's outline moving over the background and of the edges where the
-# face hides itself (projective sampling of primary visibility; shadows' edges are left out, sppi
-# 0) at about 4x the cost of a stage-2 render (2.55 s against 0.58 s forward and backward on
-# benchmark.py's problem, before 'prb' got cheaper). 'prb' is a path replay estimator of our own
-# for this one bounce, one ray per BSDF lobe (``_register_lobe_sampled``). Mitsuba's
-# 'direct_projective' renders the same colours but an alpha of 1 wherever a ray meets the
-# environment light, so the face's coverage that the fit's masks are made of is lost
-# (benchmark.py: 12.8 mm); it is not offered. tests/test_renderer.py checks the image and the
-# coverage of each one offered.
-INTEGRATORS = {'prb': {'type': 'lobe_sampled'},
+# same image: 'prb' differentiates the shading only; 'prb_projective' adds the gradients of the
+# face's outline moving over the background and of the edges where the face hides itself
+# (projective sampling of primary visibility; shadows' edges are left out, sppi 0) at about 4x
+# the cost of a stage-2 render (2.55 s against 0.58 s forward and backward on benchmark.py's
+# problem). 'prb' is Mitsuba's path replay estimator written out for this one bounce
+# (``_register_direct_prb``). Mitsuba's 'direct_projective' renders the same colours but an
+# alpha of 1 wherever a ray meets the environment light, so the face's coverage that the fit's
+# masks are made of is lost (benchmark.py: 12.8 mm); it is not offered. tests/test_renderer.py
+# checks the image and the coverage of each one offered.
+INTEGRATORS = {'prb': {'type': 'direct_prb'},
                'prb_projective': {'type': 'prb_projective', 'max_depth': 2, 'sppi': 0}}
 
 # Samples per pixel of one pass of a render without gradients: drjit keeps per-sample state of a
@@ -75,88 +74,81 @@ def mitsuba(device: str = 'cpu'):
         raise RendererError(f'Mitsuba variant {variant} is not usable here ({error}); for the CPU install '
                             f'LLVM >= 17 (./setup.sh), for CUDA an NVIDIA driver') from None
     if variant not in _registered:
-        _register_lobe_sampled(_mi)
+        _register_direct_prb(_mi)
         _registered.add(variant)
     return _mi
 
 
-_registered = set()  # the Mitsuba variants 'lobe_sampled' is registered in
+_registered = set()  # the Mitsuba variants 'direct_prb' is registered in
 
 
-def _register_lobe_sampled(mi) -> None:
-    """Register the integrator 'lobe_sampled' in Mitsuba's current variant: direct light (camera
-    ray -> face -> environment light) with one ray per BSDF lobe, each sampled from its own lobe,
-    and no light sampling. Unbiased: the same expected image and gradients as Mitsuba's 'prb' at
-    max_depth 2 (tests/test_renderer.py).
+def _register_direct_prb(mi) -> None:
+    """Register the integrator 'direct_prb' in Mitsuba's current variant: the estimator of
+    Mitsuba's 'prb' with max_depth 2 (camera ray -> face -> environment light: a shadow ray toward
+    a direction drawn from the light and a BSDF-sampled ray, weighed by multiple importance),
+    written out for that one bounce.
 
-    Why not Mitsuba's estimator (a light-sampled shadow ray and one BSDF-sampled ray of either
-    lobe, weighed by multiple importance): the SH light is smooth, so drawing directions from it
-    buys little, while the diffuse lobe, most of a face's light, got a cosine-sampled ray only
-    when the coin chose it. Here each sample traces a cosine-sampled ray for the diffuse lobe and
-    a GGX-sampled one for the specular lobe, with occlusion tests (no closest hits): on
-    benchmark.py's stage-2 face at 32 spp the pixel noise falls from 0.041 to 0.030, the
-    forward kernel from 175 to 123 ms.
-
-    Derivatives follow path replay: a sampled direction stays fixed while the BSDF's value along
-    it moves with the scene (normals, maps) and the light's value along it with the light. Their
-    diffuse directions come from half cosine, half uniform sampling of the hemisphere: under
-    cosine sampling alone the derivative along the normal carries 1/cos near the horizon, whose
-    variance does not converge; the uniform half bounds it. The backward pass replays no primal
-    pass (nothing remains for it to carry with one bounce); its kernel 258 -> 197 ms."""
+    Why: Mitsuba's backward pass replays each path twice, a primal pass for the light the path
+    still carries at each vertex and then the adjoint pass. With one bounce that light is what the
+    BSDF-sampled ray sees, which the adjoint pass traces anyway, so here it needs no primal pass
+    (the one Mitsuba's ``render_backward`` starts is never evaluated: nothing reads its lazy
+    result). Same samples, same image, same gradients as 'prb' (tests/test_renderer.py); a
+    backward pass of benchmark.py's stage-2 render 0.52 -> 0.31 s."""
     import drjit as dr
-    RBIntegrator = mi.ad.integrators.common.RBIntegrator  # the current variant's (reloaded for each)
+    common = mi.ad.integrators.common  # the current variant's (Mitsuba reloads it for each)
+    RBIntegrator, mis_weight = common.RBIntegrator, common.mis_weight
 
-    def diffuse_direction_for_derivatives(sampler) -> tuple:
-        """A local direction [n] from half cosine, half uniform hemisphere sampling, and its pdf."""
-        cosine, square = sampler.next_1d() < 0.5, sampler.next_2d()
-        local = dr.select(cosine, mi.warp.square_to_cosine_hemisphere(square),
-                          mi.warp.square_to_uniform_hemisphere(square))
-        pdf = 0.5 * (mi.warp.square_to_cosine_hemisphere_pdf(local) + mi.warp.square_to_uniform_hemisphere_pdf(local))
-        return local, pdf
-
-    class LobeSampled(RBIntegrator):
+    class DirectPathReplay(RBIntegrator):
         def sample(self, mode, scene, sampler, ray, δL, state_in, active, **kwargs):
             """Radiance of each camera ray [n] (Primal); its adjoint ``δL`` [n] propagated to
             the scene parameters (Backward); or its derivative along the scene parameters'
             gradients (Forward) -> (radiance or derivative, hit, [], None)."""
             primal = mode == dr.ADMode.Primal
+            context = mi.BSDFContext()
             ray = mi.Ray3f(dr.detach(ray))
             active = mi.Bool(active)
             preliminary = scene.ray_intersect_preliminary(ray, coherent=True, reorder=False, active=active)
             with dr.resume_grad(when=not primal):  # the hit point moves with the vertices, not the edges
                 si = preliminary.compute_surface_interaction(ray, ray_flags=mi.RayFlags.All)
-                radiance = si.emitter(scene).eval(si, active)  # the environment, where the ray misses the face
-            hit = active & si.is_valid() & (mi.Frame3f.cos_theta(si.wi) > 0)
-            bsdf, environment = si.bsdf(ray), scene.environment()
-            for lobe in (0, 1):  # blendbsdf's components: 0 the diffuse, 1 the specular lobe
-                context = mi.BSDFContext()
-                context.component = lobe
-                if lobe == 0 and not primal:
-                    local, pdf = diffuse_direction_for_derivatives(sampler)
-                else:
-                    sample, weight = bsdf.sample(context, si, sampler.next_1d(), sampler.next_2d(), hit)
-                    local, pdf = sample.wo, sample.pdf
-                direction = si.to_world(local)
-                traced = hit & (pdf > 0) & (mi.Frame3f.cos_theta(local) > 0)
-                open_sky = traced & ~scene.ray_test(si.spawn_ray(direction), traced)
-                toward = dr.zeros(mi.SurfaceInteraction3f)
-                toward.wi = -direction
-                with dr.resume_grad(when=not primal):
-                    light = environment.eval(toward, open_sky)
-                    if primal:
-                        reflected = weight * light
-                    else:  # the direction fixed in the world, the BSDF's value along it differentiated
-                        reflected = bsdf.eval(context, si, si.to_local(direction), open_sky) * light / pdf
-                    radiance = radiance + dr.select(open_sky, reflected, 0)
+                seen = si.emitter(scene).eval(si, active)  # the environment, where the ray misses the face
+            hit = active & si.is_valid()
+            bsdf = si.bsdf(ray)
+
+            # light sampling: a shadow ray toward a direction drawn from the environment
+            lit = hit & mi.has_flag(bsdf.flags(), mi.BSDFFlags.Smooth)
+            ds, light_weight = scene.sample_emitter_direction(si, sampler.next_2d(), True, lit)
+            lit &= ds.pdf != 0
+            with dr.resume_grad(when=not primal):
+                if not primal:  # the light's value is differentiated, its direction (infinitely far) not
+                    light = scene.eval_emitter_direction(si, ds, lit)
+                    light_weight = dr.replace_grad(light_weight, light * dr.detach(dr.select(ds.pdf != 0, dr.rcp(ds.pdf), 0)))
+                bsdf_value, bsdf_pdf = bsdf.eval_pdf(context, si, si.to_local(ds.d), lit)
+                direct = mis_weight(ds.pdf, bsdf_pdf) * bsdf_value * light_weight
+
+            # BSDF sampling: the ray sees the environment unless the face is in the way
+            sample, bsdf_weight = bsdf.sample(context, si, sampler.next_1d(), sampler.next_2d(), hit)
+            ray_next = si.spawn_ray(si.to_world(sample.wo))
+            traced = hit & (dr.max(mi.unpolarized_spectrum(bsdf_weight)) != 0)
+            si_next = scene.ray_intersect_preliminary(ray_next, coherent=False, reorder=False, active=traced) \
+                .compute_surface_interaction(ray_next, ray_flags=mi.RayFlags.Minimal, active=traced)
+            ds_next = mi.DirectionSample3f(scene, si=si_next, ref=si)
+            mis = mis_weight(sample.pdf, scene.pdf_emitter_direction(
+                dr.detach(si), ds_next, ~mi.has_flag(sample.sampled_type, mi.BSDFFlags.Delta)))
+            with dr.resume_grad(when=not primal):
+                # selected: the BSDF's weight is not a number on some lanes it did not sample
+                reflected = dr.select(traced, bsdf_weight * mis * ds_next.emitter.eval(si_next, traced), 0)
             if primal:
-                return radiance, hit, [], None
+                return seen + direct + reflected, hit, [], None
             with dr.resume_grad():
+                # the sampled direction stays, the BSDF's value along it moves (prb's 'Lr_ind')
+                along = bsdf.eval(context, si, si.to_local(ray_next.d), traced)
+                radiance = seen + direct + reflected + dr.detach(reflected) * dr.relative_grad(along)
                 if mode == dr.ADMode.Backward:
                     dr.backward_from(δL * radiance)
                     return δL, hit, [], None
                 return dr.forward_to(radiance), hit, [], None
 
-    mi.register_integrator('lobe_sampled', lambda props: LobeSampled(props))
+    mi.register_integrator('direct_prb', lambda props: DirectPathReplay(props))
 
 
 def render_vertex_layout(faces: np.ndarray, uv_faces: np.ndarray) -> tuple:

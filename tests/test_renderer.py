@@ -189,13 +189,11 @@ def test_every_integrator_renders_the_face_and_its_coverage(small_bfm, render_de
     assert abs(float(image[..., :3][coverage].mean() / reference[..., :3][coverage].mean()) - 1) < 0.01
 
 
-def test_prb_renders_and_differentiates_what_mitsubas_prb_does(monkeypatch, render_device, setup):
-    """'prb' (renderer.py, ``_register_lobe_sampled``: one ray per BSDF lobe, no light sampling)
-    estimates what Mitsuba's 'prb' at max_depth 2 does: the same image and the same gradients of
-    every input, the background and a strong specular lobe included, and in forward mode the same
-    derivative image, each in expectation. Two of Mitsuba's own runs with other seeds are the
-    yardstick: the mean over many seeds differs from Mitsuba's no more than Mitsuba's from itself
-    (a lost or biased term would add its size to the difference)."""
+def test_prb_is_mitsubas_path_replay_estimator(monkeypatch, render_device, setup):
+    """'prb' is Mitsuba's 'prb' at max_depth 2 written out for its one bounce (renderer.py,
+    ``_register_direct_prb``): with the same seed the same image, and the same gradients of every
+    input (up to rounding: the order in which the ray tracer adds them up), the background and a
+    strong specular lobe included; and in forward mode the same derivative image."""
     model, face, params, sh = setup
     monkeypatch.setitem(renderer.INTEGRATORS, 'mitsuba_prb', {'type': 'prb', 'max_depth': 2})
     mitsubas = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device,
@@ -207,37 +205,45 @@ def test_prb_renders_and_differentiates_what_mitsubas_prb_does(monkeypatch, rend
               0.2 + 0.3 * torch.rand(RES, RES, 1, generator=generator),
               sphericalharmonics.EnvironmentMap(3, ROWS, False)(sh[None])[0])
     weights = torch.randn(SIZE, SIZE, 3, generator=generator)
+
+    def image_and_gradients(renderer_: renderer.FaceRenderer) -> tuple:
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        image = renderer_.render(*leaves, float(params.focal[0]), 16, 3)
+        (image[..., :3] * weights).sum().backward()
+        return image.detach(), [leaf.grad for leaf in leaves]
+
+    image, gradients = image_and_gradients(face)
+    reference, reference_gradients = image_and_gradients(mitsubas)
+    assert 0.2 < float((reference[..., 3] > 0.99).float().mean()) < 0.8  # face and background
+    # the same samples; rounding in kernels compiled otherwise can flip a grazing ray of a rare one
+    differing = int(((image - reference).abs().max(-1).values > 1e-5).sum())
+    print(f'pixels that differ: {differing} of {SIZE * SIZE}')
+    assert differing <= 0.001 * SIZE * SIZE
+    for name, gradient, expected in zip(('vertices', 'normals', 'diffuse', 'specular', 'roughness', 'light'),
+                                        gradients, reference_gradients):
+        difference = float((gradient - expected).norm() / expected.norm())
+        print(f'{name}: |gradient - prb\'s| / |prb\'s| = {difference:.2g}')
+        assert float(expected.norm()) > 0 and difference < 1e-3, name
+
+    # forward mode too: the derivative image along a direction of the vertices
     direction = torch.randn(len(face.geometry_index) * 3, generator=generator).tolist()
-    seeds = 16
 
-    def means(renderer_: renderer.FaceRenderer, first_seed: int) -> list:
-        """Over ``seeds`` seeds of 64 spp: the image [SIZE, SIZE, 4], the gradients of the six
-        inputs of sum(image · weights), and the forward-mode derivative image along
-        ``direction`` of the vertices."""
-        total = None
-        for seed in range(first_seed, first_seed + seeds):
-            leaves = [t.clone().requires_grad_(True) for t in inputs]
-            image = renderer_.render(*leaves, float(params.focal[0]), 64, seed)
-            (image[..., :3] * weights).sum().backward()
-            mi, dr, scene_params = renderer_.mi, renderer_.dr, renderer_.params
-            positions = scene_params[renderer_.keys['positions']]
-            dr.enable_grad(positions)
-            scene_params.update()
-            derivative = mi.render(renderer_.scene, scene_params, seed=seed, spp=64)
-            dr.set_grad(positions, mi.Float(direction))
-            derivative = torch.from_numpy(np.array(dr.forward_to(derivative)))
-            dr.disable_grad(positions)
-            terms = [image.detach()] + [leaf.grad for leaf in leaves] + [derivative]
-            total = terms if total is None else [a + b for a, b in zip(total, terms)]
-        return [t / seeds for t in total]
+    def derivative_image(renderer_: renderer.FaceRenderer) -> torch.Tensor:
+        mi, dr, scene_params = renderer_.mi, renderer_.dr, renderer_.params
+        renderer_.render(*inputs, float(params.focal[0]), 16, 3)  # the same scene in it
+        positions = scene_params[renderer_.keys['positions']]
+        dr.enable_grad(positions)
+        scene_params.update()
+        image = mi.render(renderer_.scene, scene_params, seed=3, spp=16)
+        dr.set_grad(positions, mi.Float(direction))
+        derivative = dr.forward_to(image)
+        dr.disable_grad(positions)
+        return torch.from_numpy(np.array(derivative))
 
-    ours, mitsuba, mitsuba_again = means(face, 0), means(mitsubas, 1000), means(mitsubas, 2000)
-    assert 0.2 < float((mitsuba[0][..., 3] > 0.99).float().mean()) < 0.8  # face and background
-    names = ('image', 'vertices', 'normals', 'diffuse', 'specular', 'roughness', 'light', 'forward mode')
-    for name, estimate, expected, yardstick in zip(names, ours, mitsuba, mitsuba_again):
-        difference = float((estimate - expected).norm() / (yardstick - expected).norm())
-        print(f'{name}: |ours - prb\'s| / |prb\'s other seeds - prb\'s| = {difference:.2f}')
-        assert float(expected.abs().max()) > 0 and difference < 1.25, name
+    forward, reference_forward = derivative_image(face), derivative_image(mitsubas)
+    difference = float((forward - reference_forward).norm() / reference_forward.norm())
+    print(f'forward mode: |derivative - prb\'s| / |prb\'s| = {difference:.2g}')
+    assert float(reference_forward.abs().max()) > 0 and difference < 1e-3
 
 
 def _far_face(setup) -> tuple:
