@@ -367,8 +367,8 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
     ``loss_terms(iteration)`` (a dict of weighted terms by name) -> history: the terms and the
     seconds of each step; a group's steps shrink as ``learning_rate_factor`` says, or stay as
     they are where it has ``decay=False``. ``project()`` puts the parameters back into their
-    bounds after each step. A non-finite loss puts back the last good values and halves the
-    steps; it fails the image after five in a row. ``on_step(iteration, terms)`` runs after
+    bounds after each step. A non-finite loss or gradient puts back the last good values and
+    halves the steps; it fails the image after five in a row. ``on_step(iteration, terms)`` runs after
     every step (it may raise to stop the fit)."""
     # fused: one kernel a tensor, without the temporaries of the plain update (several maps a stage-3 step)
     adam = torch.optim.Adam(groups, fused=True)
@@ -385,7 +385,13 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
         adam.zero_grad()
         terms = loss_terms(iteration)
         loss = sum(terms.values())
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            # a finite loss can have a NaN gradient, which Adam would spread into the parameters
+            # and its moments for good (obama3.jpg's stage 2 ended with NaN parameters this way)
+            finite = all(bool(torch.isfinite(t.grad).all()) for t in tensors if t.grad is not None)
+        if not finite:
             bad_in_a_row += 1
             if bad_in_a_row >= 5:
                 raise FitError(f'{stage}: the loss stays NaN/Inf; the fit of this image diverged')
@@ -395,7 +401,6 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
             nan_scale /= 2
             continue
         bad_in_a_row = 0
-        loss.backward()
         adam.step()
         if project is not None:
             with torch.no_grad():

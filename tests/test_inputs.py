@@ -100,6 +100,22 @@ def test_nan_loss_goes_back_to_good_values_with_smaller_steps():
     assert torch.isfinite(x).all() and float(x) < seen[7]
 
 
+def test_a_nan_gradient_of_a_finite_loss_at_the_last_step_returns_good_values():
+    """The loss is finite but its gradient NaN (0 times the infinite slope of sqrt at 0) at step
+    10, where a snapshot is taken, and at the last step: neither step is taken, the values go
+    back to the last good snapshot, and none is NaN (obama3.jpg's stage 2 ended with NaN
+    parameters this way, and stage 3 then failed the whole batch)."""
+    x = torch.tensor([3.0], requires_grad=True)
+
+    def loss_fn(iteration):
+        loss = (x ** 2).sum()
+        if iteration in (10, 19):
+            loss = loss + (0 * torch.sqrt(x - x.detach())).sum()
+        return dict(loss=loss)
+    fitting.adam_loop('test', [dict(params=[x], lr=0.1)], loss_fn, 20, config.Config())
+    assert torch.isfinite(x).all() and float(x) < 3.0  # the snapshot after step 0
+
+
 def test_a_loss_that_stays_nan_fails_the_image_clearly():
     x = torch.tensor([3.0], requires_grad=True)
     with pytest.raises(fitting.FitError, match='diverged'):
