@@ -368,8 +368,8 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
     seconds of each step; a group's steps shrink as ``learning_rate_factor`` says, or stay as
     they are where it has ``decay=False``. ``project()`` puts the parameters back into their
     bounds after each step. A non-finite loss or gradient puts back the last good values and
-    halves the steps; it fails the image after five in a row. ``on_step(iteration, terms)`` runs after
-    every step (it may raise to stop the fit)."""
+    halves the steps; it fails the image after five in a row. ``on_step(iteration, terms)``
+    runs after every step (it may raise to stop the fit)."""
     # fused: one kernel a tensor, without the temporaries of the plain update (several maps a stage-3 step)
     adam = torch.optim.Adam(groups, fused=True)
     base_rates = [group['lr'] for group in adam.param_groups]
@@ -389,12 +389,14 @@ def adam_loop(stage: str, groups: list, loss_terms, iterations: int, config: Con
         if finite:
             loss.backward()
             # a finite loss can have a NaN gradient, which Adam would spread into the parameters
-            # and its moments for good (obama3.jpg's stage 2 ended with NaN parameters this way)
-            finite = all(bool(torch.isfinite(t.grad).all()) for t in tensors if t.grad is not None)
+            # and its moments for good (obama3.jpg's stage 2 ended with NaN parameters this way);
+            # one check for all of them: one GPU sync
+            grads = [t.grad for t in tensors if t.grad is not None]
+            finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if not finite:
             bad_in_a_row += 1
             if bad_in_a_row >= 5:
-                raise FitError(f'{stage}: the loss stays NaN/Inf; the fit of this image diverged')
+                raise FitError(f'{stage}: the loss or its gradient stays NaN/Inf; the fit of this image diverged')
             with torch.no_grad():
                 for tensor, value in zip(tensors, good):
                     tensor.copy_(value)
