@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -169,6 +170,11 @@ def fit_inputs(args: argparse.Namespace, config: Config, indexed: list, observer
             return fail([(image.index, image.path) for image in images],
                         f'writing the results failed ({error.strerror}: {error.filename}); free some space '
                         f'or choose another --output, then continue with --resume', time.perf_counter() - start)
+        except Exception as error:  # a bug: it fails these photos, not the photos after them
+            traceback.print_exc()
+            return fail([(image.index, image.path) for image in images],
+                        f'unexpected {type(error).__name__} ({error}): a bug; please report it with the traceback '
+                        f'above', time.perf_counter() - start)
         seconds = (time.perf_counter() - start) / len(images)
         for image, digest in zip(images, digests):
             manifest.record(image.index, image.path, digest, checkpoint_key, seconds)

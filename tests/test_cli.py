@@ -204,6 +204,23 @@ def test_ctrl_c_then_resume_redoes_no_finished_image(ict_folder, two_photos, tmp
     assert 'a.png: already fitted, skipped (--resume)' in out and os.path.isfile(os.path.join(output, 'params1.json'))
 
 
+def test_a_bug_in_one_photos_fit_fails_that_photo_and_the_next_is_fitted(ict_folder, two_photos, tmp_path, capsys,
+                                                                         monkeypatch):
+    output = str(tmp_path / 'o')
+    real_fit_group = optimizer.fit_group
+
+    def a_bug_on_the_first(model, images, *args, **kwargs):
+        if images[0].index == 0:
+            raise IndexError('index 0 is out of bounds for dimension 0 with size 0')
+        return real_fit_group(model, images, *args, **kwargs)
+    monkeypatch.setattr(optimizer, 'fit_group', a_bug_on_the_first)
+    status, out = run(['--input', str(two_photos), '--output', output] + ict_args(ict_folder, 20, 0, 0), capsys)
+    assert status == 1 and 'a.png: unexpected IndexError (index 0 is out of bounds' in out and 'Traceback' in out
+    assert '1 of 2 images fitted' in out and os.path.isfile(os.path.join(output, 'params1.json'))
+    report = {entry['index']: entry for entry in json.loads((tmp_path / 'o' / 'manifest.json').read_text())['images']}
+    assert report[0]['status'] == 'failed' and 'IndexError' in report[0]['error'] and report[1]['status'] == 'fitted'
+
+
 @pytest.mark.parametrize('name, note', [('32bit.png', 'one face found'),
                                         ('obama_partial_face.jpg', 'landmarks outside the image are ignored')])
 def test_rgba_and_partial_face_photos(ict_folder, tmp_path, capsys, name, note):
