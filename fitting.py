@@ -497,18 +497,24 @@ def light_basis_images(pipeline: Pipeline, row: int, vertices: torch.Tensor, foc
     (white) -> (with a white diffuse map, with a white specular map) [k, bands², 3] each.
     One render gives both: with the diffuse map red and the specular map green, the red channel is
     the diffuse render and the green the specular one, sample for sample (no sample's path depends
-    on the maps' colours: the light is sampled by its own luminance, the BSDF by its lobe weights
-    and roughness)."""
+    on the maps' colours: the BSDF samples by its lobes and roughness)."""
     count = solved_coefficients(pipeline.config)
     basis = pipeline.envmap.basis[..., :count] * pipeline.envmap.window[:count]
     res = pipeline.resolution
     colour = lambda *rgb: torch.tensor(rgb, dtype=torch.float32).expand(res, res, 3)
     maps = colour(1.0, 0.0, 0.0), colour(0.0, 1.0, 0.0), torch.full((res, res, 1), INITIAL_ROUGHNESS)
-    render = lambda light: pipeline.render_maps(row, vertices, focal, *maps, light[..., None].expand(-1, -1, 3),
-                                                SOLVE_SPP)[mask][:, :3]
-    uniform = render(basis[..., 0])
-    images = torch.stack([uniform] + [render(POSITIVE_OFFSET * basis[..., 0] + basis[..., k]) - POSITIVE_OFFSET * uniform
-                                      for k in range(1, basis.shape[-1])], dim=1)  # [k, bands², 3]
+    # Rendered without the light's sampling, whose directions would differ from light to light:
+    # then the offset light comes off exactly when the uniform light is rendered at the same seed
+    # (with it, tests/test_appearance.py's least-squares light missed its direction: 0.18 off).
+    # A seed per basis light: with one seed every basis image would carry the same samples, and
+    # their shared noise biased the solved light (that test's face: band 1 over DC 10% too
+    # strong; stage 2 from there walked the geometry from 0.16 to 2.7 mm).
+    render = lambda light, seed: pipeline.render_maps(row, vertices, focal, *maps, light[..., None].expand(-1, -1, 3),
+                                                      SOLVE_SPP, seed, sample_light=False)[mask][:, :3]
+    basis_image = lambda k: (render(POSITIVE_OFFSET * basis[..., 0] + basis[..., k], k)
+                             - POSITIVE_OFFSET * render(basis[..., 0], k))
+    images = torch.stack([render(basis[..., 0], 0)] + [basis_image(k) for k in range(1, basis.shape[-1])],
+                         dim=1)  # [k, bands², 3]
     return images[..., 0:1].expand(-1, -1, 3), images[..., 1:2].expand(-1, -1, 3)
 
 

@@ -378,13 +378,14 @@ class Pipeline:
 
     def render_maps(self, row: int, vertices: torch.Tensor, focal: float, diffuse: torch.Tensor,
                     specular: torch.Tensor, roughness: torch.Tensor, envmap: torch.Tensor, spp: int,
-                    seed: int = 0) -> torch.Tensor:
+                    seed: int = 0, sample_light: bool = True) -> torch.Tensor:
         """RGBA render [h, w, 4] of image row ``row`` with the given maps ([res, res, 3|3|1]) and
-        environment map ([rows, 2·rows, 3], or [1, 1, 3] for a uniform one)."""
+        environment map ([rows, 2·rows, 3], or [1, 1, 3] for a uniform one); ``sample_light`` as
+        for ``FaceRenderer.render``."""
         normals = utils.vertex_normals(vertices[None], self.model_on(vertices.device).faces)[0]
         envmap = envmap.expand(self.config.envMapRes, 2 * self.config.envMapRes, 3)
         return self.renderer(row, vertices, focal).render(vertices, normals, diffuse, specular, roughness, envmap,
-                                                          focal, spp, seed, self.centres[row].tolist())
+                                                          focal, spp, seed, self.centres[row].tolist(), sample_light)
 
     def render(self, params: SceneParameters, row: int, spp: int, seed: int, vertices: torch.Tensor) -> torch.Tensor:
         """RGBA render [h, w, 4] (linear colour) of image row ``row`` with its camera-space

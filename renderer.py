@@ -18,16 +18,17 @@ import sphericalharmonics
 
 
 # The integrators a fit can use, both direct illumination (camera -> face -> light), rendering the
-# same image: 'prb' differentiates the shading only; 'prb_projective' adds the gradients of the
-# face's outline moving over the background and of the edges where the face hides itself
-# (projective sampling of primary visibility; shadows' edges are left out, sppi 0) at about 4x
-# the cost of a stage-2 render (2.55 s against 0.58 s forward and backward on benchmark.py's
-# problem). 'prb' is Mitsuba's path replay estimator written out for this one bounce
-# (``_register_direct_prb``). Mitsuba's 'direct_projective' renders the same colours but an
-# alpha of 1 wherever a ray meets the environment light, so the face's coverage that the fit's
-# masks are made of is lost (benchmark.py: 12.8 mm); it is not offered. tests/test_renderer.py
-# checks the image and the coverage of each one offered.
-INTEGRATORS = {'prb': {'type': 'direct_prb'},
+# same image in expectation: 'prb' differentiates the shading only; 'prb_projective' (Mitsuba's)
+# adds the gradients of the face's outline moving over the background and of the edges where the
+# face hides itself (projective sampling of primary visibility; shadows' edges are left out, sppi
+# 0) at about 4x the cost of a stage-2 render (2.55 s against 0.58 s forward and backward on
+# benchmark.py's problem, before 'prb' got cheaper). 'prb' is a path replay estimator of our own
+# for this one bounce, each BSDF lobe sampled on its own (``_register_per_lobe``). Mitsuba's
+# 'direct_projective' renders the same colours but an alpha of 1 wherever a ray meets the
+# environment light, so the face's coverage that the fit's masks are made of is lost
+# (benchmark.py: 12.8 mm); it is not offered. tests/test_renderer.py checks the image and the
+# coverage of each one offered.
+INTEGRATORS = {'prb': {'type': 'per_lobe'},
                'prb_projective': {'type': 'prb_projective', 'max_depth': 2, 'sppi': 0}}
 
 # Samples per pixel of one pass of a render without gradients: drjit keeps per-sample state of a
@@ -74,81 +75,113 @@ def mitsuba(device: str = 'cpu'):
         raise RendererError(f'Mitsuba variant {variant} is not usable here ({error}); for the CPU install '
                             f'LLVM >= 17 (./setup.sh), for CUDA an NVIDIA driver') from None
     if variant not in _registered:
-        _register_direct_prb(_mi)
+        _register_per_lobe(_mi)
         _registered.add(variant)
     return _mi
 
 
-_registered = set()  # the Mitsuba variants 'direct_prb' is registered in
+_registered = set()  # the Mitsuba variants 'per_lobe' is registered in
 
 
-def _register_direct_prb(mi) -> None:
-    """Register the integrator 'direct_prb' in Mitsuba's current variant: the estimator of
-    Mitsuba's 'prb' with max_depth 2 (camera ray -> face -> environment light: a shadow ray toward
-    a direction drawn from the light and a BSDF-sampled ray, weighed by multiple importance),
-    written out for that one bounce.
+def _register_per_lobe(mi) -> None:
+    """Register the integrator 'per_lobe' in Mitsuba's current variant: direct light (camera ray
+    -> face -> environment light), each BSDF lobe estimated on its own. The diffuse lobe takes two
+    rays a sample, one toward a direction drawn from the light and one from the lobe (cosine),
+    weighed by the balance heuristic; the specular lobe one ray from its own GGX (visible
+    normals). Shadow rays test occlusion only (no closest hits). Unbiased: the same expected image
+    and gradients as Mitsuba's 'prb' at max_depth 2 (tests/test_renderer.py).
 
-    Why: Mitsuba's backward pass replays each path twice, a primal pass for the light the path
-    still carries at each vertex and then the adjoint pass. With one bounce that light is what the
-    BSDF-sampled ray sees, which the adjoint pass traces anyway, so here it needs no primal pass
-    (the one Mitsuba's ``render_backward`` starts is never evaluated: nothing reads its lazy
-    result). Same samples, same image, same gradients as 'prb' (tests/test_renderer.py); a
-    backward pass of benchmark.py's stage-2 render 0.52 -> 0.31 s."""
+    Why not Mitsuba's estimator (a light-sampled ray and one BSDF-sampled ray of either lobe, a
+    coin choosing which): the diffuse lobe, most of a face's light, got its own ray only when the
+    coin chose it. Why both rays for the diffuse lobe: from the lobe alone, a photo's light with a
+    strong key (32bit.png) is noisier than before (32 spp, its stage-2 face: 0.048 against 0.039);
+    from both, 0.033 (obama.jpg's stage-3 face: 0.029 against 0.037). A stage-2 step at 32 spp
+    costs about what Mitsuba's did (0.47 against 0.50 s there), so the lower noise is spent on
+    fewer samples (optimConfig.ini).
+
+    Derivatives follow path replay: a sampled direction stays fixed in the world while the BSDF's
+    value along it moves with the scene (normals, maps) and the light's value along it with the
+    light; the pdfs are constants. Their lobe directions come from half cosine, half uniform
+    sampling of the hemisphere: under cosine sampling alone the derivative along the normal
+    carries 1/cos near the horizon, whose variance does not converge; the uniform half bounds it.
+    The backward pass replays no primal pass (nothing remains for it to carry with one bounce)."""
     import drjit as dr
-    common = mi.ad.integrators.common  # the current variant's (Mitsuba reloads it for each)
-    RBIntegrator, mis_weight = common.RBIntegrator, common.mis_weight
+    RBIntegrator = mi.ad.integrators.common.RBIntegrator  # the current variant's (reloaded for each)
+    cosine_pdf, uniform_pdf = mi.warp.square_to_cosine_hemisphere_pdf, mi.warp.square_to_uniform_hemisphere_pdf
 
-    class DirectPathReplay(RBIntegrator):
+    def diffuse_lobe_direction(sampler, primal: bool) -> tuple:
+        """A local direction [n] from the diffuse lobe's own sampling, and that sampling's pdf
+        (a function of a local direction): the cosine for the image, for derivatives half cosine,
+        half uniform."""
+        if primal:
+            return mi.warp.square_to_cosine_hemisphere(sampler.next_2d()), cosine_pdf
+        cosine, square = sampler.next_1d() < 0.5, sampler.next_2d()
+        local = dr.select(cosine, mi.warp.square_to_cosine_hemisphere(square),
+                          mi.warp.square_to_uniform_hemisphere(square))
+        return local, lambda direction: 0.5 * (cosine_pdf(direction) + uniform_pdf(direction))
+
+    class PerLobe(RBIntegrator):
+        def __init__(self, props):
+            super().__init__(props)
+            # False: no ray toward the light's own directions, so that no direction depends on
+            # the light (FaceRenderer.render's sample_light)
+            self.sample_light = props.get('sample_light', True)
+
         def sample(self, mode, scene, sampler, ray, δL, state_in, active, **kwargs):
             """Radiance of each camera ray [n] (Primal); its adjoint ``δL`` [n] propagated to
             the scene parameters (Backward); or its derivative along the scene parameters'
             gradients (Forward) -> (radiance or derivative, hit, [], None)."""
             primal = mode == dr.ADMode.Primal
-            context = mi.BSDFContext()
             ray = mi.Ray3f(dr.detach(ray))
             active = mi.Bool(active)
             preliminary = scene.ray_intersect_preliminary(ray, coherent=True, reorder=False, active=active)
             with dr.resume_grad(when=not primal):  # the hit point moves with the vertices, not the edges
                 si = preliminary.compute_surface_interaction(ray, ray_flags=mi.RayFlags.All)
-                seen = si.emitter(scene).eval(si, active)  # the environment, where the ray misses the face
-            hit = active & si.is_valid()
-            bsdf = si.bsdf(ray)
+                radiance = si.emitter(scene).eval(si, active)  # the environment, where the ray misses the face
+            hit = active & si.is_valid() & (mi.Frame3f.cos_theta(si.wi) > 0)
+            bsdf, environment = si.bsdf(ray), scene.environment()
+            diffuse, specular = mi.BSDFContext(), mi.BSDFContext()
+            diffuse.component, specular.component = 0, 1  # blendbsdf's components
 
-            # light sampling: a shadow ray toward a direction drawn from the environment
-            lit = hit & mi.has_flag(bsdf.flags(), mi.BSDFFlags.Smooth)
-            ds, light_weight = scene.sample_emitter_direction(si, sampler.next_2d(), True, lit)
-            lit &= ds.pdf != 0
-            with dr.resume_grad(when=not primal):
-                if not primal:  # the light's value is differentiated, its direction (infinitely far) not
-                    light = scene.eval_emitter_direction(si, ds, lit)
-                    light_weight = dr.replace_grad(light_weight, light * dr.detach(dr.select(ds.pdf != 0, dr.rcp(ds.pdf), 0)))
-                bsdf_value, bsdf_pdf = bsdf.eval_pdf(context, si, si.to_local(ds.d), lit)
-                direct = mis_weight(ds.pdf, bsdf_pdf) * bsdf_value * light_weight
+            def reflected(context, local, pdf):
+                """The lobe's light [n] from the local direction [n] (fixed in the world) over
+                ``pdf``, where the sky is open that way."""
+                direction = si.to_world(local)
+                traced = hit & (pdf > 0) & (mi.Frame3f.cos_theta(local) > 0)
+                open_sky = traced & ~scene.ray_test(si.spawn_ray(direction), traced)
+                toward = dr.zeros(mi.SurfaceInteraction3f)
+                toward.wi = -direction
+                with dr.resume_grad(when=not primal):
+                    light = environment.eval(toward, open_sky)
+                    return dr.select(open_sky, bsdf.eval(context, si, si.to_local(direction), open_sky) * light / pdf, 0)
 
-            # BSDF sampling: the ray sees the environment unless the face is in the way
-            sample, bsdf_weight = bsdf.sample(context, si, sampler.next_1d(), sampler.next_2d(), hit)
-            ray_next = si.spawn_ray(si.to_world(sample.wo))
-            traced = hit & (dr.max(mi.unpolarized_spectrum(bsdf_weight)) != 0)
-            si_next = scene.ray_intersect_preliminary(ray_next, coherent=False, reorder=False, active=traced) \
-                .compute_surface_interaction(ray_next, ray_flags=mi.RayFlags.Minimal, active=traced)
-            ds_next = mi.DirectionSample3f(scene, si=si_next, ref=si)
-            mis = mis_weight(sample.pdf, scene.pdf_emitter_direction(
-                dr.detach(si), ds_next, ~mi.has_flag(sample.sampled_type, mi.BSDFFlags.Delta)))
+            def light_pdf(local):
+                """The pdf [n] of the light's sampling toward the local direction [n]."""
+                toward = dr.zeros(mi.DirectionSample3f)
+                toward.d = si.to_world(local)
+                return environment.pdf_direction(si, toward, hit)
+
+            from_lobe, lobe_pdf = diffuse_lobe_direction(sampler, primal)
+            if self.sample_light:  # the balance heuristic: each ray over the sum of both samplings' pdfs
+                drawn = environment.sample_direction(si, sampler.next_2d(), hit)[0]
+                from_light = si.to_local(drawn.d)
+                lights = [reflected(diffuse, from_light, dr.detach(drawn.pdf + lobe_pdf(from_light))),
+                          reflected(diffuse, from_lobe, dr.detach(light_pdf(from_lobe) + lobe_pdf(from_lobe)))]
+            else:
+                lights = [reflected(diffuse, from_lobe, dr.detach(lobe_pdf(from_lobe)))]
+            glossy = bsdf.sample(specular, si, sampler.next_1d(), sampler.next_2d(), hit)[0]
+            lights.append(reflected(specular, glossy.wo, glossy.pdf))
             with dr.resume_grad(when=not primal):
-                # selected: the BSDF's weight is not a number on some lanes it did not sample
-                reflected = dr.select(traced, bsdf_weight * mis * ds_next.emitter.eval(si_next, traced), 0)
+                radiance = radiance + sum(lights[1:], lights[0])
             if primal:
-                return seen + direct + reflected, hit, [], None
+                return radiance, hit, [], None
             with dr.resume_grad():
-                # the sampled direction stays, the BSDF's value along it moves (prb's 'Lr_ind')
-                along = bsdf.eval(context, si, si.to_local(ray_next.d), traced)
-                radiance = seen + direct + reflected + dr.detach(reflected) * dr.relative_grad(along)
                 if mode == dr.ADMode.Backward:
                     dr.backward_from(δL * radiance)
                     return δL, hit, [], None
                 return dr.forward_to(radiance), hit, [], None
 
-    mi.register_integrator('direct_prb', lambda props: DirectPathReplay(props))
+    mi.register_integrator('per_lobe', lambda props: PerLobe(props))
 
 
 def render_vertex_layout(faces: np.ndarray, uv_faces: np.ndarray) -> tuple:
@@ -224,6 +257,7 @@ class FaceRenderer:
         self._camera, self._last_vertices, self._last_pass = None, None, None
         self._render = self._make_wrapped_render()
         self._uv_integrator = mi.load_dict({'type': 'aov', 'aovs': 'uv:uv'})
+        self._without_light_sampling = mi.load_dict({'type': 'per_lobe', 'sample_light': False})
 
     def _make_wrapped_render(self):
         import drjit as dr  # heavy: imported with Mitsuba, when a renderer is made
@@ -231,7 +265,7 @@ class FaceRenderer:
         params, keys = self.params, self.keys
 
         @dr.wrap(source='torch', target='drjit')
-        def render(positions, normals, diffuse, specular, roughness, envmap, spp, seed, new_geometry):
+        def render(positions, normals, diffuse, specular, roughness, envmap, spp, seed, new_geometry, sample_light):
             if new_geometry:  # setting positions rebuilds the ray-tracing BVH: only when they change
                 params[keys['positions']] = dr.ravel(positions)
                 params[keys['normals']] = dr.ravel(normals)
@@ -240,7 +274,8 @@ class FaceRenderer:
             params[keys['roughness']] = roughness
             params[keys['envmap']] = envmap
             params.update()
-            return mi.render(self.scene, params, spp=spp, seed=seed)
+            return mi.render(self.scene, params, spp=spp, seed=seed,
+                             integrator=None if sample_light else self._without_light_sampling)
         return render
 
     def set_camera(self, focal: float, centre: tuple = None) -> None:
@@ -269,11 +304,13 @@ class FaceRenderer:
 
     def render(self, vertices: torch.Tensor, normals: torch.Tensor, diffuse_map: torch.Tensor,
                specular_map: torch.Tensor, roughness_map: torch.Tensor, envmap: torch.Tensor,
-               focal: float, spp: int, seed: int = 0, centre: tuple = None) -> torch.Tensor:
+               focal: float, spp: int, seed: int = 0, centre: tuple = None, sample_light: bool = True) -> torch.Tensor:
         """vertices, normals [verts, 3] (camera frame, per geometry vertex); maps [res, res, 3|3|1]
         (v up, like the OBJ UVs); envmap [rows, 2·rows, 3]; focal in pixels, principal point
         ``centre`` (default: the image's centre) -> RGBA image [height, width, 4], empty outside
-        the crop."""
+        the crop. ``sample_light=False``: 'prb' without the rays toward the light's own directions
+        (noisier under a strong key light), so that its directions do not depend on the light:
+        renders of two lights at one seed differ by the lights alone, sample for sample."""
         self.set_camera(focal, centre)
         # The inputs go to the ray tracer's device (no copy where the fit's tensors are there
         # already); the copies there and back are differentiable.
@@ -288,10 +325,11 @@ class FaceRenderer:
         passes = 1 if differentiated else math.ceil(spp / MAX_SPP_PER_PASS)
         self._release_cached_arrays((math.ceil(spp / passes), differentiated))
         if passes == 1:
-            return self._uncrop(self._render(*inputs, spp, seed, new_geometry).to(vertices.device))
+            return self._uncrop(self._render(*inputs, spp, seed, new_geometry, sample_light).to(vertices.device))
         # Drjit holds per-sample state for a whole pass: many samples go in passes of bounded memory.
         counts = [spp // passes + (k < spp % passes) for k in range(passes)]
-        return self._uncrop(sum(count * self._render(*inputs, count, seed * passes + k, k == 0 and new_geometry)
+        return self._uncrop(sum(count * self._render(*inputs, count, seed * passes + k, k == 0 and new_geometry,
+                                                     sample_light)
                                 for k, count in enumerate(counts)).to(vertices.device) / spp)
 
     def _release_cached_arrays(self, render_pass: tuple) -> None:

@@ -211,9 +211,10 @@ def test_least_squares_solve_light_and_albedo_for_the_stage1_geometry(fitted):
 
 
 def test_one_render_gives_the_diffuse_and_the_specular_basis_images(fitted):
-    """The start's basis images (the diffuse map red, the specular map green, one render a light)
-    are, channel for channel, the renders with a white diffuse map and a black specular one and
-    the other way round, at the same samples; and the specular ones are not the diffuse ones."""
+    """The start's basis images (the diffuse map red, the specular map green, one render a light,
+    a seed per basis light) are, channel for channel, the renders with a white diffuse map and a
+    black specular one and the other way round, at the same samples; and the specular ones are
+    not the diffuse ones."""
     scene, params = fitted['scene'], fitted['stage1']
     vertices, focal = scene.vertices(params)[0].detach(), float(params.focal[0])
     mask, _ = fitting.face_pixels(scene, 0, vertices, focal)
@@ -222,11 +223,11 @@ def test_one_render_gives_the_diffuse_and_the_specular_basis_images(fitted):
     white, black = torch.ones(res, res, 3), torch.zeros(res, res, 3)
     roughness = torch.full((res, res, 1), pipeline.INITIAL_ROUGHNESS)
     light = fitting.POSITIVE_OFFSET * scene.envmap.basis[..., 0] + scene.envmap.basis[..., 2] * scene.envmap.window[2]
-    render = lambda maps, light: scene.render_maps(0, vertices, focal, *maps, light[..., None].expand(-1, -1, 3),
-                                                   fitting.SOLVE_SPP)[mask][:, :3]
+    render = lambda maps, light, seed: scene.render_maps(0, vertices, focal, *maps, light[..., None].expand(-1, -1, 3),
+                                                         fitting.SOLVE_SPP, seed, sample_light=False)[mask][:, :3]
     for images, maps in ((diffuse, (white, black, roughness)), (specular, (black, white, roughness))):
-        uniform = render(maps, scene.envmap.basis[..., 0])
-        expected = render(maps, light) - fitting.POSITIVE_OFFSET * uniform
+        uniform = render(maps, scene.envmap.basis[..., 0], 0)
+        expected = render(maps, light, 2) - fitting.POSITIVE_OFFSET * render(maps, scene.envmap.basis[..., 0], 2)
         assert images.shape == (int(mask.sum()), count, 3)
         assert torch.allclose(images[:, 0], uniform, atol=1e-6) and torch.allclose(images[:, 2], expected, atol=1e-5)
     assert (diffuse - specular).abs().mean() > 0.1 * diffuse.abs().mean()
@@ -486,7 +487,9 @@ def test_a_microphone_over_the_beard_in_one_photo_stays_out(small_bfm, render_de
     """Three photos of one bearded face, a grey microphone held over the chin in the first: every
     photo leaves the beard's texels out, but the first photo's colour there (the microphone's)
     is unlike that of the other two (the beard's), so only theirs go back in; before, the
-    microphone went back in with the beard and was painted into the shared map."""
+    microphone went back in with the beard and was painted into the shared map. The part of the
+    microphone that stays out varies with the renders' noise: over five seeds of the photos 0.935
+    to 0.963 (with Mitsuba's estimator 0.925 to 0.963); all of it over the beard."""
     face = bearded(small_bfm, render_device, (0.3, -0.3, 0.0))
     beard_pixels = face['beard_pixels']
     points = face['landmarks'][0]
@@ -501,7 +504,7 @@ def test_a_microphone_over_the_beard_in_one_photo_stays_out(small_bfm, render_de
           f'still out, {float(kept[0][microphone & inner[0]].float().mean()):.3f} over the beard; '
           f'beard back in: photos 2 and 3 {back}, photo 1 beside the microphone {float((~kept[0][uncovered]).float().mean()):.3f}')
     assert on_beard.sum() > 30 and uncovered.sum() > 30
-    assert bool(kept[0][microphone & inner[0]].all()) and float(kept[0][microphone].float().mean()) > 0.95
+    assert bool(kept[0][microphone & inner[0]].all()) and float(kept[0][microphone].float().mean()) > 0.9
     assert min(back) > 0.95 and float((~kept[0][uncovered]).float().mean()) > 0.9
 
 
@@ -509,7 +512,9 @@ def test_the_start_solves_the_light_again_without_what_it_left_out(small_bfm, re
     """A dark beard over the lower face of a model with one skin colour, for the true geometry:
     the first least-squares light darkens the lower face to explain it (its robust weights cannot
     leave out a third of the face); once the beard is left out, the light solved again is near
-    the true one (measured: band-1 light over DC 0.67 off first, 0.07 after; 37% left out)."""
+    the true one. Band-1 light over DC off, over five seeds of the basis renders: first
+    0.35-0.41, after 0.066-0.111 (36% left out); with the light-sampled renderer before, first
+    0.65-0.75, after 0.069-0.143 (its bound of 0.1 held for one seed only)."""
     model, cfg, truth = known_face(small_bfm, render_device)
     model = with_one_skin_colour(model)
     truth.albedo = torch.zeros(1, model.n_albedo)
@@ -530,7 +535,7 @@ def test_the_start_solves_the_light_again_without_what_it_left_out(small_bfm, re
     off = lambda params: float((normalised_light(params.sh[0]) - normalised_light(truth.sh[0]))[1:].abs().max())
     share = fitting.left_out_share(scene, start, targets)[0]
     print(f'start light {off(first):.3f} off, solved again {off(start):.3f} off ({100 * share:.0f}% left out)')
-    assert share > 0.2 and off(start) < 0.1 and off(first) > 5 * off(start)
+    assert share > 0.2 and off(start) < 0.13 and off(first) > 2.5 * off(start)
 
 
 def test_without_an_albedo_model_stage3_paints_dark_hair_its_colour(small_bfm, render_device):

@@ -30,7 +30,7 @@ def test_nextface_configs_parse_with_their_meaning(name):
 def test_shipped_configs_parse(name):
     c = config.load_config(os.path.join(ROOT, name))
     assert c.device == 'cpu' and c.lamdmarksDetectorType == 'mediapipe'
-    assert (fitting.stage_samples(c, 2), fitting.stage_samples(c, 3), c.rtTrainingSamples) == (32, 16, 8)  # fewer steps of more samples
+    assert (fitting.stage_samples(c, 2), fitting.stage_samples(c, 3), c.rtTrainingSamples) == (16, 16, 8)  # fewer steps of more samples
 
 
 def test_light_config_has_stronger_reflectance_regularizers():

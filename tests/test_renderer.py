@@ -87,18 +87,21 @@ def _interior_weights(setup) -> torch.Tensor:
     return torch.from_numpy(inside)[..., None] * (0.5 + torch.rand(SIZE, SIZE, 3, generator=generator))
 
 
-def _check_gradient(setup, make_kwargs, value: torch.Tensor, index, step: float):
+def _check_gradient(setup, make_kwargs, value: torch.Tensor, index, step: float, seeds: tuple = (3,)):
+    """The gradient of a weighted sum of the image along ``value[index]`` against a central
+    difference of renders at the same seed, each averaged over ``seeds``."""
     weights = _interior_weights(setup)
-    value = value.clone().requires_grad_(True)
-    loss = (render(setup, **make_kwargs(value))[..., :3] * weights).sum()
-    loss.backward()
-    analytic = float(value.grad[index])
-    with torch.no_grad():
-        plus, minus = value.clone(), value.clone()
-        plus[index] += step
-        minus[index] -= step
-        numeric = float(((render(setup, **make_kwargs(plus)) - render(setup, **make_kwargs(minus)))[..., :3]
-                         * weights).sum() / (2 * step))
+    analytic, numeric = 0.0, 0.0
+    for seed in seeds:
+        leaf = value.clone().requires_grad_(True)
+        (render(setup, **make_kwargs(leaf), seed=seed)[..., :3] * weights).sum().backward()
+        analytic += float(leaf.grad[index]) / len(seeds)
+        with torch.no_grad():
+            plus, minus = value.clone(), value.clone()
+            plus[index] += step
+            minus[index] -= step
+            numeric += float(((render(setup, **make_kwargs(plus), seed=seed) - render(setup, **make_kwargs(minus), seed=seed))
+                              [..., :3] * weights).sum() / (2 * step)) / len(seeds)
     print(f'gradient check {index}: analytic {analytic:.5g}, finite difference {numeric:.5g}')
     assert abs(numeric) > 1e-3, 'the check needs a visible effect'
     assert math.isclose(analytic, numeric, rel_tol=0.15), (analytic, numeric)
@@ -121,10 +124,13 @@ def test_gradient_of_a_specular_texel(setup):
 
 
 def test_gradient_of_a_roughness_texel(setup):
-    """With a strong specular map, so that the lobe's width shows."""
+    """With a strong specular map, so that the lobe's width shows. The specular lobe's directions
+    are drawn from it and move with its roughness, so a difference at one seed is about as noisy
+    as the gradient (eight seeds: -1.9 to -3.7 against -2.2 to -3.9): both over 16 seeds (32:
+    -2.79 against -2.83)."""
     roughness = torch.full((RES, RES, 1), 0.3)
     _check_gradient(setup, lambda v: dict(roughness=v, specular=torch.full((RES, RES, 3), 0.8)), roughness,
-                    (RES // 2, RES // 2, 0), 0.04)
+                    (RES // 2, RES // 2, 0), 0.04, seeds=tuple(range(16)))
 
 
 def test_gradient_of_a_pose_parameter(setup):
@@ -189,11 +195,13 @@ def test_every_integrator_renders_the_face_and_its_coverage(small_bfm, render_de
     assert abs(float(image[..., :3][coverage].mean() / reference[..., :3][coverage].mean()) - 1) < 0.01
 
 
-def test_prb_is_mitsubas_path_replay_estimator(monkeypatch, render_device, setup):
-    """'prb' is Mitsuba's 'prb' at max_depth 2 written out for its one bounce (renderer.py,
-    ``_register_direct_prb``): with the same seed the same image, and the same gradients of every
-    input (up to rounding: the order in which the ray tracer adds them up), the background and a
-    strong specular lobe included; and in forward mode the same derivative image."""
+def test_prb_renders_and_differentiates_what_mitsubas_prb_does(monkeypatch, render_device, setup):
+    """'prb' (renderer.py, ``_register_per_lobe``: each BSDF lobe sampled on its own, the diffuse
+    one from the light too) estimates what Mitsuba's 'prb' at max_depth 2 does: the same image and the same gradients of
+    every input, the background and a strong specular lobe included, and in forward mode the same
+    derivative image, each in expectation. Two of Mitsuba's own runs with other seeds are the
+    yardstick: the mean over many seeds differs from Mitsuba's no more than Mitsuba's from itself
+    (a lost or biased term would add its size to the difference)."""
     model, face, params, sh = setup
     monkeypatch.setitem(renderer.INTEGRATORS, 'mitsuba_prb', {'type': 'prb', 'max_depth': 2})
     mitsubas = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device,
@@ -205,45 +213,72 @@ def test_prb_is_mitsubas_path_replay_estimator(monkeypatch, render_device, setup
               0.2 + 0.3 * torch.rand(RES, RES, 1, generator=generator),
               sphericalharmonics.EnvironmentMap(3, ROWS, False)(sh[None])[0])
     weights = torch.randn(SIZE, SIZE, 3, generator=generator)
-
-    def image_and_gradients(renderer_: renderer.FaceRenderer) -> tuple:
-        leaves = [t.clone().requires_grad_(True) for t in inputs]
-        image = renderer_.render(*leaves, float(params.focal[0]), 16, 3)
-        (image[..., :3] * weights).sum().backward()
-        return image.detach(), [leaf.grad for leaf in leaves]
-
-    image, gradients = image_and_gradients(face)
-    reference, reference_gradients = image_and_gradients(mitsubas)
-    assert 0.2 < float((reference[..., 3] > 0.99).float().mean()) < 0.8  # face and background
-    # the same samples; rounding in kernels compiled otherwise can flip a grazing ray of a rare one
-    differing = int(((image - reference).abs().max(-1).values > 1e-5).sum())
-    print(f'pixels that differ: {differing} of {SIZE * SIZE}')
-    assert differing <= 0.001 * SIZE * SIZE
-    for name, gradient, expected in zip(('vertices', 'normals', 'diffuse', 'specular', 'roughness', 'light'),
-                                        gradients, reference_gradients):
-        difference = float((gradient - expected).norm() / expected.norm())
-        print(f'{name}: |gradient - prb\'s| / |prb\'s| = {difference:.2g}')
-        assert float(expected.norm()) > 0 and difference < 1e-3, name
-
-    # forward mode too: the derivative image along a direction of the vertices
     direction = torch.randn(len(face.geometry_index) * 3, generator=generator).tolist()
+    seeds = 16
 
-    def derivative_image(renderer_: renderer.FaceRenderer) -> torch.Tensor:
-        mi, dr, scene_params = renderer_.mi, renderer_.dr, renderer_.params
-        renderer_.render(*inputs, float(params.focal[0]), 16, 3)  # the same scene in it
-        positions = scene_params[renderer_.keys['positions']]
-        dr.enable_grad(positions)
-        scene_params.update()
-        image = mi.render(renderer_.scene, scene_params, seed=3, spp=16)
-        dr.set_grad(positions, mi.Float(direction))
-        derivative = dr.forward_to(image)
-        dr.disable_grad(positions)
-        return torch.from_numpy(np.array(derivative))
+    def means(renderer_: renderer.FaceRenderer, first_seed: int) -> list:
+        """Over ``seeds`` seeds of 64 spp: the image [SIZE, SIZE, 4], the gradients of the six
+        inputs of sum(image · weights), and the forward-mode derivative image along
+        ``direction`` of the vertices."""
+        total = None
+        for seed in range(first_seed, first_seed + seeds):
+            leaves = [t.clone().requires_grad_(True) for t in inputs]
+            image = renderer_.render(*leaves, float(params.focal[0]), 64, seed)
+            (image[..., :3] * weights).sum().backward()
+            mi, dr, scene_params = renderer_.mi, renderer_.dr, renderer_.params
+            positions = scene_params[renderer_.keys['positions']]
+            dr.enable_grad(positions)
+            scene_params.update()
+            derivative = mi.render(renderer_.scene, scene_params, seed=seed, spp=64)
+            dr.set_grad(positions, mi.Float(direction))
+            derivative = torch.from_numpy(np.array(dr.forward_to(derivative)))
+            dr.disable_grad(positions)
+            terms = [image.detach()] + [leaf.grad for leaf in leaves] + [derivative]
+            total = terms if total is None else [a + b for a, b in zip(total, terms)]
+        return [t / seeds for t in total]
 
-    forward, reference_forward = derivative_image(face), derivative_image(mitsubas)
-    difference = float((forward - reference_forward).norm() / reference_forward.norm())
-    print(f'forward mode: |derivative - prb\'s| / |prb\'s| = {difference:.2g}')
-    assert float(reference_forward.abs().max()) > 0 and difference < 1e-3
+    ours, mitsuba, mitsuba_again = means(face, 0), means(mitsubas, 1000), means(mitsubas, 2000)
+    assert 0.2 < float((mitsuba[0][..., 3] > 0.99).float().mean()) < 0.8  # face and background
+    names = ('image', 'vertices', 'normals', 'diffuse', 'specular', 'roughness', 'light', 'forward mode')
+    for name, estimate, expected, yardstick in zip(names, ours, mitsuba, mitsuba_again):
+        difference = float((estimate - expected).norm() / (yardstick - expected).norm())
+        print(f'{name}: |ours - prb\'s| / |prb\'s other seeds - prb\'s| = {difference:.2f}')
+        assert float(expected.abs().max()) > 0 and difference < 1.25, name
+
+
+def key_light(rows: int, ambient: float, key: float) -> torch.Tensor:
+    """A lat-long map [rows, 2·rows, 3]: a uniform ``ambient`` plus a ``key`` light of about 25°
+    from the camera's upper left, as in a portrait lit from one side."""
+    towards = torch.nn.functional.normalize(torch.tensor([-0.5, -0.5, -1.0]), dim=0)
+    closeness = sphericalharmonics.envmap_directions(rows) @ towards  # the cosine to the key's centre
+    return (ambient + key * torch.exp(12.0 * (closeness - 1)))[..., None].expand(-1, -1, 3).contiguous()
+
+
+@pytest.mark.parametrize('light', ['smooth', 'key'])
+def test_prb_is_less_noisy_than_mitsubas_prb(monkeypatch, render_device, setup, light):
+    """Why 'prb' is an estimator of our own: at the same samples per pixel its pixels are less
+    noisy than those of Mitsuba's 'prb' under the smooth SH light (measured 0.73×), and no
+    noisier under a strong key light (0.91×). Each lobe sampled from itself alone, without the
+    light's sampling, was less noisy under the smooth light (0.66×) and 2.5× as noisy under the
+    key (and so on 32bit.png's stage-2 face: 0.048 against Mitsuba's 0.039)."""
+    model, face, params, sh = setup
+    monkeypatch.setitem(renderer.INTEGRATORS, 'mitsuba_prb', {'type': 'prb', 'max_depth': 2})
+    mitsubas = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device,
+                                     'mitsuba_prb')
+    vertices = pipeline.model_vertices(model, params)[0]
+    envmap = (sphericalharmonics.EnvironmentMap(3, ROWS, False)(sh[None])[0] if light == 'smooth'
+              else key_light(ROWS, 0.3, 20.0))
+    inputs = (vertices, utils.vertex_normals(vertices[None], model.faces)[0], torch.full((RES, RES, 3), 0.5),
+              torch.full((RES, RES, 3), 0.1), torch.full((RES, RES, 1), 0.3), envmap, float(params.focal[0]))
+
+    def noise(renderer_: renderer.FaceRenderer) -> float:
+        """The pixels' standard deviation over 8 seeds of 8 spp, averaged over the face."""
+        images = torch.stack([renderer_.render(*inputs, 8, seed) for seed in range(8)])
+        face_pixels = images[..., 3].min(0).values > 0.99
+        return float(images[..., :3].std(0)[face_pixels].mean())
+    ours, mitsubas_noise = noise(face), noise(mitsubas)
+    print(f'{light} light: noise {ours:.4f} against Mitsuba\'s {mitsubas_noise:.4f}')
+    assert ours < (0.85 if light == 'smooth' else 1.0) * mitsubas_noise
 
 
 def _far_face(setup) -> tuple:
