@@ -25,12 +25,15 @@ one by one and on a local Ray cluster with 1 and 2 workers, and the overhead per
 ``--detector N`` the vertex error that stages 1 and 2 reach on N ICT-FaceKit faces of known
 shape from MediaPipe's landmarks of their render and from the model's own; ``--calibrate N``
 fits, on N such faces of varied pose, expression and light, the table that turns MediaPipe's
-face mesh into iBUG points (``landmarks.MEDIAPIPE_TO_IBUG``) and prints it.
+face mesh into iBUG points (``landmarks.MEDIAPIPE_TO_IBUG``) and prints it. ``--converged OUTPUT
+...`` prints, for the photos fitted in optimizer.py's output folders, each fit's photometric
+error without the render's noise (the figures optimizer.py prints are of 64-spp renders).
 """
 import argparse
 import cProfile
 import dataclasses
 import itertools
+import json
 import multiprocessing
 import os
 import pstats
@@ -303,6 +306,41 @@ def compare_cluster_workers(folder: str, count: int, model_path: str, iterations
               flush=True)
 
 
+def converged_errors(outputs: list, config) -> None:
+    """For each photo fitted in every folder of ``outputs`` (optimizer.py's, ICT-FaceKit, the same
+    photos): the photometric error of its result rendered at 1024 spp, over the face pixels that
+    no folder left out. The errors optimizer.py prints are of 64-spp renders and count their
+    noise (about half of a photo's stage-3 figure), so a renderer with less noise looks better
+    there without fitting better; here every result is rendered by this checkout's renderer."""
+    import checkpoints
+    import photos
+    runs = []
+    for output in outputs:
+        with open(os.path.join(output, 'checkpoints', 'run.json')) as file:
+            runs.append(json.load(file))
+    config = config.replace(**{key: runs[0]['config'][key] for key in checkpoints.CHECKPOINT_CONFIG_KEYS})
+    model = modelFiles.load_model(config)
+    detector = landmarks.make_detector(config.lamdmarksDetectorType, config.device)
+    rows = []
+    for index in sorted(set.intersection(*(set(run['images']) for run in runs)), key=int):
+        path = runs[0]['images'][index]['path']
+        targets = fitting.Targets.of(model, [photos.prepare_image(int(index), path, config, detector, None)])
+        scene = pipeline.Pipeline(model, config, targets.sizes)
+        renders, weights = [], []
+        for output, run in zip(outputs, runs):
+            key = run['images'][index]['checkpoint']
+            params = checkpoints.load_checkpoint(output, key, 3, model, 1, config.bands)
+            _, left_out = checkpoints.load_left_out(output, key, targets.sizes)
+            weights.append(dataclasses.replace(targets, left_out=left_out).pixel_weights(0))
+            with torch.no_grad():
+                vertices = scene.vertices(params)[0]
+                renders.append(sum(scene.render(params, 0, 64, 1000 + seed, vertices) for seed in range(16)) / 16)
+        common = torch.stack(weights).min(0).values
+        rows.append([float(fitting.photometric_loss(render, targets.photos[0], common)) for render in renders])
+        print(f'{os.path.basename(path)}: ' + ' / '.join(f'{error:.4f}' for error in rows[-1]), flush=True)
+    print('mean: ' + ' / '.join(f'{error:.4f}' for error in np.mean(rows, 0)) + f' (stage {params.stage}, 1024 spp)')
+
+
 def print_profile(profile: cProfile.Profile, stages_seconds: float) -> None:
     """The functions that take the time of stages 2 and 3, by their own time."""
     stats = pstats.Stats(profile)
@@ -418,6 +456,10 @@ def main() -> None:
     parser.add_argument('--calibrate', type=int, metavar='FACES',
                         help="instead: fit the table that makes iBUG points of MediaPipe's face mesh on this many "
                              "ICT-FaceKit faces of known shape and print it (ICT-FaceKit from --ict)")
+    parser.add_argument('--converged', nargs='+', metavar='OUTPUT',
+                        help="instead: each photo's photometric error in these optimizer.py output folders (ICT-FaceKit "
+                             "from --ict, the same photos) without the render's noise: of a 1024-spp render, over the "
+                             "face pixels none of them left out")
     parser.add_argument('--ict', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'models', 'ICT-FaceKit'),
                         help='the ICT-FaceKit folder for --video, --cluster, --detector and --calibrate')
     args = parser.parse_args()
@@ -438,6 +480,9 @@ def run(args, folder: str) -> None:
     given = dict(device=args.device, maxResolution=args.size, **config_module.parse_overrides(args.set))
     if args.iterations:
         given.update(iterStep1=args.iterations[0], iterStep2=args.iterations[1], iterStep3=args.iterations[2])
+    if args.converged:
+        converged_errors(args.converged, defaults.replace(**{'model': 'ict', 'path': args.ict, **given}))
+        return
     if args.calibrate:
         calibrate_mediapipe(defaults.replace(**{'model': 'ict', 'path': args.ict, **given}), args.calibrate)
         return
