@@ -61,7 +61,7 @@ def preset_steps(preset: str) -> tuple:
 REGIONS = ((17, 'jaw'), (27, 'brow'), (36, 'nose'), (48, 'eye'), (68, 'mouth'))  # iBUG index ranges
 
 
-class Cancelled(Exception):
+class Cancelled(optimizer.FitStopped):
     """The fit was cancelled from the page."""
 
 

@@ -42,9 +42,13 @@ from pipeline import Pipeline, SceneParameters, project, rotation_matrix, to_cam
 
 # --------------------------------------------------------------------------- the command
 
+class FitStopped(Exception):
+    """What a FitObserver raises to stop the run (the web app's Cancel)."""
+
+
 class FitObserver:
     """What a front end (the web app) is shown of a fit as it runs; the command line has none.
-    A method may raise to stop the fit (nothing more of that group is written)."""
+    A method may raise FitStopped to stop the run (nothing more of that group is written)."""
 
     def step(self, stage: int, params: SceneParameters, pipeline: Pipeline, images: list, iteration: int,
              iterations: int, terms: dict) -> None:
@@ -170,6 +174,8 @@ def fit_inputs(args: argparse.Namespace, config: Config, indexed: list, observer
             return fail([(image.index, image.path) for image in images],
                         f'writing the results failed ({error.strerror}: {error.filename}); free some space '
                         f'or choose another --output, then continue with --resume', time.perf_counter() - start)
+        except (*RUN_ERRORS, FitStopped):  # the run cannot go on (no ray tracer, ...), or was stopped
+            raise
         except Exception as error:  # a bug: it fails these photos, not the photos after them
             traceback.print_exc()
             return fail([(image.index, image.path) for image in images],
