@@ -34,7 +34,6 @@ import argparse
 import cProfile
 import dataclasses
 import itertools
-import json
 import multiprocessing
 import os
 import pstats
@@ -326,31 +325,29 @@ def converged_errors(outputs: list, config) -> None:
     there without fitting better; here every result is rendered by this checkout's renderer."""
     import checkpoints
     import photos
-    runs = []
-    for output in outputs:
-        with open(os.path.join(output, 'checkpoints', 'run.json')) as file:
-            runs.append(json.load(file))
-    config = config.replace(**{key: runs[0]['config'][key] for key in checkpoints.CHECKPOINT_CONFIG_KEYS})
+    manifests = [checkpoints.Manifest.load(output) for output in outputs]
+    empty = [output for output, manifest in zip(outputs, manifests) if not manifest.images]
+    if empty:
+        sys.exit(f"--converged: no photo fitted in {', '.join(empty)} (no {checkpoints.MANIFEST_FILE}): "
+                 f"give optimizer.py's output folders")
+    config = config.replace(**{key: manifests[0].config[key] for key in checkpoints.CHECKPOINT_CONFIG_KEYS})
     model = modelFiles.load_model(config)
     detector = landmarks.make_detector(config.lamdmarksDetectorType, config.device)
     rows = []
-    for index in sorted(set.intersection(*(set(run['images']) for run in runs)), key=int):
-        path = runs[0]['images'][index]['path']
-        targets = fitting.Targets.of(model, [photos.prepare_image(int(index), path, config, detector, None)])
+    for index in sorted(set.intersection(*(set(manifest.images) for manifest in manifests))):
+        path = manifests[0].images[index]['path']
+        targets = fitting.Targets.of(model, [photos.prepare_image(index, path, config, detector, None)])
         scene = pipeline.Pipeline(model, config, targets.sizes)
-        renders, weights = [], []
-        for output, run in zip(outputs, runs):
-            key = run['images'][index]['checkpoint']
-            params = checkpoints.load_checkpoint(output, key, 3, model, 1, config.bands)
+        fits, weights = [], []
+        for output, manifest in zip(outputs, manifests):
+            key = manifest.images[index]['checkpoint']
+            fits.append(checkpoints.load_checkpoint(output, key, 3, model, 1, config.bands))
             _, left_out = checkpoints.load_left_out(output, key, targets.sizes)
             weights.append(dataclasses.replace(targets, left_out=left_out).pixel_weights(0))
-            with torch.no_grad():
-                vertices = scene.vertices(params)[0]
-                renders.append(sum(scene.render(params, 0, 64, 1000 + seed, vertices) for seed in range(16)) / 16)
-        common = torch.stack(weights).min(0).values
-        rows.append([float(fitting.photometric_loss(render, targets.photos[0], common)) for render in renders])
+        common = dataclasses.replace(targets, left_out=[torch.stack(weights).min(0).values == 0])
+        rows.append([fitting.photometric_error(scene, params, common, spp=1024) for params in fits])
         print(f'{os.path.basename(path)}: ' + ' / '.join(f'{error:.4f}' for error in rows[-1]), flush=True)
-    print('mean: ' + ' / '.join(f'{error:.4f}' for error in np.mean(rows, 0)) + f' (stage {params.stage}, 1024 spp)')
+    print('mean: ' + ' / '.join(f'{error:.4f}' for error in np.mean(rows, 0)) + f' (stage {fits[0].stage}, 1024 spp)')
 
 
 def print_profile(profile: cProfile.Profile, stages_seconds: float) -> None:
