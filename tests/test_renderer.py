@@ -195,6 +195,13 @@ def test_every_integrator_renders_the_face_and_its_coverage(small_bfm, render_de
     assert abs(float(image[..., :3][coverage].mean() / reference[..., :3][coverage].mean()) - 1) < 0.01
 
 
+def mitsubas_prb(monkeypatch, render_device, model) -> renderer.FaceRenderer:
+    """The setup's renderer with Mitsuba's own 'prb' (max_depth 2: direct light), the yardstick of ours."""
+    monkeypatch.setitem(renderer.INTEGRATORS, 'mitsuba_prb', {'type': 'prb', 'max_depth': 2})
+    return renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device,
+                                 'mitsuba_prb')
+
+
 def test_prb_renders_and_differentiates_what_mitsubas_prb_does(monkeypatch, render_device, setup):
     """'prb' (renderer.py, ``_register_per_lobe``: each BSDF lobe sampled on its own, the diffuse
     one from the light too) estimates what Mitsuba's 'prb' at max_depth 2 does: the same image and the same gradients of
@@ -203,9 +210,7 @@ def test_prb_renders_and_differentiates_what_mitsubas_prb_does(monkeypatch, rend
     yardstick: the mean over many seeds differs from Mitsuba's no more than Mitsuba's from itself
     (a lost or biased term would add its size to the difference)."""
     model, face, params, sh = setup
-    monkeypatch.setitem(renderer.INTEGRATORS, 'mitsuba_prb', {'type': 'prb', 'max_depth': 2})
-    mitsubas = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device,
-                                     'mitsuba_prb')
+    mitsubas = mitsubas_prb(monkeypatch, render_device, model)
     vertices = pipeline.model_vertices(model, params)[0]
     generator = torch.Generator().manual_seed(0)
     inputs = (vertices, utils.vertex_normals(vertices[None], model.faces)[0],
@@ -262,9 +267,7 @@ def test_prb_is_less_noisy_than_mitsubas_prb(monkeypatch, render_device, setup, 
     light's sampling, was less noisy under the smooth light (0.66×) and 2.5× as noisy under the
     key (and so on 32bit.png's stage-2 face: 0.048 against Mitsuba's 0.039)."""
     model, face, params, sh = setup
-    monkeypatch.setitem(renderer.INTEGRATORS, 'mitsuba_prb', {'type': 'prb', 'max_depth': 2})
-    mitsubas = renderer.FaceRenderer(model.faces, model.uv_faces, model.uvs, SIZE, SIZE, RES, ROWS, render_device,
-                                     'mitsuba_prb')
+    mitsubas = mitsubas_prb(monkeypatch, render_device, model)
     vertices = pipeline.model_vertices(model, params)[0]
     envmap = (sphericalharmonics.EnvironmentMap(3, ROWS, False)(sh[None])[0] if light == 'smooth'
               else key_light(ROWS, 0.3, 20.0))
