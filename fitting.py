@@ -450,9 +450,6 @@ SOLVED_BANDS, SOLVE_ROUNDS, SOLVE_SPP = 3, 12, 32
 LIGHT_COLOUR_SIGMA = 0.1
 # Alternations of a light's colour and its SH pattern (``solve_light``).
 LIGHT_COLOUR_ROUNDS = 4
-# Basis lights must stay positive (the renderer clips negative radiance): each is rendered on top
-# of POSITIVE_OFFSET times the uniform one, which is then taken off.
-POSITIVE_OFFSET = 3.0
 # Fewer face pixels than this in an image (a face a few pixels wide) and the start is a uniform light.
 MIN_SOLVE_PIXELS = 64
 # The albedo's Gaussian prior against the pixels' residual, as a pixel noise level (linear colour).
@@ -503,18 +500,14 @@ def light_basis_images(pipeline: Pipeline, row: int, vertices: torch.Tensor, foc
     res = pipeline.resolution
     colour = lambda *rgb: torch.tensor(rgb, dtype=torch.float32).expand(res, res, 3)
     maps = colour(1.0, 0.0, 0.0), colour(0.0, 1.0, 0.0), torch.full((res, res, 1), INITIAL_ROUGHNESS)
-    # Rendered without the light's sampling, whose directions would differ from light to light:
-    # then the offset light comes off exactly when the uniform light is rendered at the same seed
-    # (with it, tests/test_appearance.py's least-squares light missed its direction: 0.18 off).
-    # A seed per basis light: with one seed every basis image would carry the same samples, and
-    # their shared noise biased the solved light (that test's face: band 1 over DC 10% too
+    # Rendered without the light's sampling: a light is then only looked up, so the basis lights
+    # go in as they are, negative lobes and all (a sampled light is clipped at 0). A seed per
+    # basis light: with one seed every basis image would carry the same samples, and their shared
+    # noise biased the solved light (tests/test_appearance.py's face: band 1 over DC 10% too
     # strong; stage 2 from there walked the geometry from 0.16 to 2.7 mm).
     render = lambda light, seed: pipeline.render_maps(row, vertices, focal, *maps, light[..., None].expand(-1, -1, 3),
                                                       SOLVE_SPP, seed, sample_light=False)[mask][:, :3]
-    basis_image = lambda k: (render(POSITIVE_OFFSET * basis[..., 0] + basis[..., k], k)
-                             - POSITIVE_OFFSET * render(basis[..., 0], k))
-    images = torch.stack([render(basis[..., 0], 0)] + [basis_image(k) for k in range(1, basis.shape[-1])],
-                         dim=1)  # [k, bands², 3]
+    images = torch.stack([render(basis[..., k], k) for k in range(basis.shape[-1])], dim=1)  # [k, bands², 3]
     return images[..., 0:1].expand(-1, -1, 3), images[..., 1:2].expand(-1, -1, 3)
 
 

@@ -310,7 +310,9 @@ class FaceRenderer:
         ``centre`` (default: the image's centre) -> RGBA image [height, width, 4], empty outside
         the crop. ``sample_light=False``: 'prb' without the rays toward the light's own directions
         (noisier under a strong key light), so that its directions do not depend on the light:
-        renders of two lights at one seed differ by the lights alone, sample for sample."""
+        renders of two lights at one seed differ by the lights alone, sample for sample; and the
+        light may be negative (an SH basis light): without its sampling distribution, which needs
+        a light >= 0 (negative values are clipped), the light is only looked up."""
         self.set_camera(focal, centre)
         # The inputs go to the ray tracer's device (no copy where the fit's tensors are there
         # already); the copies there and back are differentiable.
@@ -319,7 +321,7 @@ class FaceRenderer:
         wrap = self.envmap_width - envmap.shape[1]
         envmap = torch.cat([envmap, envmap[:, :wrap]], dim=1) if wrap > 0 else envmap
         inputs = (to_render(vertices), to_render(normals), 2 * texture(diffuse_map), 2 * texture(specular_map),
-                  texture(roughness_map.clamp(0.01, 1.0)), texture(envmap.clamp_min(0)))
+                  texture(roughness_map.clamp(0.01, 1.0)), texture(envmap.clamp_min(0) if sample_light else envmap))
         new_geometry = self._geometry_changed(vertices)
         differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         passes = 1 if differentiated else math.ceil(spp / MAX_SPP_PER_PASS)

@@ -214,7 +214,8 @@ def test_one_render_gives_the_diffuse_and_the_specular_basis_images(fitted):
     """The start's basis images (the diffuse map red, the specular map green, one render a light,
     a seed per basis light) are, channel for channel, the renders with a white diffuse map and a
     black specular one and the other way round, at the same samples; and the specular ones are
-    not the diffuse ones."""
+    not the diffuse ones. A basis light's negative lobes render as they are: its image is that of
+    the light lifted by a uniform one, less the uniform one's, at the same seed."""
     scene, params = fitted['scene'], fitted['stage1']
     vertices, focal = scene.vertices(params)[0].detach(), float(params.focal[0])
     mask, _ = fitting.face_pixels(scene, 0, vertices, focal)
@@ -222,14 +223,16 @@ def test_one_render_gives_the_diffuse_and_the_specular_basis_images(fitted):
     res, count = scene.resolution, fitting.solved_coefficients(scene.config)
     white, black = torch.ones(res, res, 3), torch.zeros(res, res, 3)
     roughness = torch.full((res, res, 1), pipeline.INITIAL_ROUGHNESS)
-    light = fitting.POSITIVE_OFFSET * scene.envmap.basis[..., 0] + scene.envmap.basis[..., 2] * scene.envmap.window[2]
+    uniform, lobe = scene.envmap.basis[..., 0], scene.envmap.basis[..., 2] * scene.envmap.window[2]
+    assert float(lobe.min()) < -0.1 * float(lobe.max())
     render = lambda maps, light, seed: scene.render_maps(0, vertices, focal, *maps, light[..., None].expand(-1, -1, 3),
                                                          fitting.SOLVE_SPP, seed, sample_light=False)[mask][:, :3]
     for images, maps in ((diffuse, (white, black, roughness)), (specular, (black, white, roughness))):
-        uniform = render(maps, scene.envmap.basis[..., 0], 0)
-        expected = render(maps, light, 2) - fitting.POSITIVE_OFFSET * render(maps, scene.envmap.basis[..., 0], 2)
+        lifted = render(maps, 3 * uniform + lobe, 2) - 3 * render(maps, uniform, 2)
         assert images.shape == (int(mask.sum()), count, 3)
-        assert torch.allclose(images[:, 0], uniform, atol=1e-6) and torch.allclose(images[:, 2], expected, atol=1e-5)
+        assert torch.allclose(images[:, 0], render(maps, uniform, 0), atol=1e-6)
+        assert torch.allclose(images[:, 2], render(maps, lobe, 2), atol=1e-6)
+        assert torch.allclose(images[:, 2], lifted, atol=1e-5) and float(images[:, 2].min()) < 0
     assert (diffuse - specular).abs().mean() > 0.1 * diffuse.abs().mean()
 
 
