@@ -32,6 +32,34 @@ def rotation_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
     return identity + sin_term * skew + cos_term * (skew @ skew)
 
 
+def rotation_matrix_derivative(axis_angle: torch.Tensor) -> torch.Tensor:
+    """d ``rotation_matrix`` / d axis-angle, [..., 3] -> [..., 3, 3, 3] (dR_ab / dω_j at [..., a, b, j]).
+    R = I + a K + b K², K = [ω]×, a = sin θ / θ, b = (1 − cos θ) / θ², so
+    dR/dω_j = a K_j + b (K_j K + K K_j) + ω_j (c K + d K²) with c = a'/θ, d = b'/θ, and near
+    zero (θ² < 1e-8) those of the same Taylor series as ``rotation_matrix``. c and d are
+    differences of nearly equal terms: below θ² = 1e-4 their series (to θ⁴) are the more exact."""
+    theta2 = (axis_angle ** 2).sum(-1, keepdim=True)[..., None]  # [..., 1, 1]
+    theta = torch.sqrt(theta2 + 1e-16)
+    small, series = theta2 < 1e-8, theta2 < 1e-4
+    sin, cos = torch.sin(theta), torch.cos(theta)
+    a = torch.where(small, 1 - theta2 / 6, sin / theta)
+    b = torch.where(small, 0.5 - theta2 / 24, (1 - cos) / theta2.clamp_min(1e-16))
+    c = torch.where(series, -1 / 3 + theta2 / 30 - theta2 ** 2 / 840,
+                    (theta * cos - sin) / (theta2 * theta).clamp_min(1e-24))
+    d = torch.where(series, -1 / 12 + theta2 / 180 - theta2 ** 2 / 6720,
+                    (theta * sin - 2 * (1 - cos)) / (theta2 * theta2).clamp_min(1e-32))
+    skew = lambda v: torch.stack([torch.zeros_like(v[..., 0]), -v[..., 2], v[..., 1], v[..., 2],
+                                  torch.zeros_like(v[..., 0]), -v[..., 0], -v[..., 1], v[..., 0],
+                                  torch.zeros_like(v[..., 0])], -1).reshape(*v.shape[:-1], 3, 3)
+    K = skew(axis_angle)
+    axes = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device)
+    derivative = []
+    for j in range(3):
+        K_j = skew(axes[j]).expand_as(K)
+        derivative.append(a * K_j + b * (K_j @ K + K @ K_j) + axis_angle[..., j, None, None] * (c * K + d * (K @ K)))
+    return torch.stack(derivative, -1)
+
+
 def pose_features(rotations: torch.Tensor) -> torch.Tensor:
     """Joint rotations [n, joints, 3, 3] -> the pose-corrective features [n, (joints - 1)·9]:
     R - I of every joint but the root, row by row."""

@@ -1,6 +1,7 @@
 """FLAME: its files read without chumpy (and without running what a pickle holds), its forward
 pass against a minimal one written here, and a fit that recovers a known jaw opening and pose."""
 import json
+import math
 import os
 import pickle
 import sys
@@ -12,6 +13,7 @@ from PIL import Image
 from scipy.spatial.transform import Rotation
 
 import config as config_module
+import fitting
 import modelFiles
 import morphableModel
 import optimizer
@@ -156,6 +158,29 @@ def test_flame_json_gives_the_mesh_to_an_independent_flame(flame):
     error = np.abs(from_flame_json(flame, record) - vertices).max()
     print(f'largest difference to the independent FLAME: {error:.6f} mm')
     assert error < 0.01
+
+
+@pytest.mark.parametrize('shared_identity', [False, True])
+def test_landmark_jacobian_of_the_skinned_model_is_forward_modes(flame, shared_identity):
+    """Stage 1's closed-form Jacobian through FLAME's joints (the jaw turns the chin's
+    landmarks: not linear in the pose) equals forward mode through the residuals, with the
+    focal length fitted and one identity or two."""
+    model = modelFiles.load_flame(flame['folder'])
+    generator = torch.Generator().manual_seed(3)
+    points = np.stack([200 + 40 * torch.randn(68, 2, generator=generator).numpy() for _ in range(2)])
+    targets = fitting.Targets.of_landmarks(model, points, [(400, 400)] * 2)
+    problem = fitting.LandmarkProblem(model.landmark_model(), targets, config_module.Config(model='flame'),
+                                      [0, 0] if shared_identity else None)
+    values = {key: 0.3 * torch.randn(size, generator=generator, dtype=torch.float64)
+              for key, size in problem.sizes.items()}
+    values['translation'] = values['translation'] + torch.tensor([0.0, 0.0, 600.0], dtype=torch.float64)
+    values['log_focal'] = values['log_focal'] + math.log(800.0)
+    x, focal = problem.pack(**values), torch.full((2,), 800.0, dtype=torch.float64)
+    expected = torch.func.jacfwd(lambda v: problem.residuals(v, focal))(x)
+    jacobian = problem.jacobian(x, focal)
+    assert problem.optimize_focal and model.skinning is not None
+    assert jacobian.shape == expected.shape
+    assert torch.allclose(jacobian, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
 
 
 def test_fit_recovers_jaw_opening_and_head_pose(flame, tmp_path, capsys):

@@ -6,6 +6,7 @@ import config
 import fitting
 import modelFiles
 import pipeline
+import skinning
 from photos import FitImage
 
 
@@ -145,6 +146,17 @@ def test_landmark_jacobian_is_forward_modes(small_bfm, optimize_focal, shared_id
     jacobian = problem.jacobian(x, focal, anchor, weights)
     assert jacobian.shape == expected.shape == (len(problem.residuals(x, focal, anchor, weights)), len(x))
     assert torch.allclose(jacobian, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+
+
+def test_rotation_matrix_derivative_is_forward_modes():
+    """Rodrigues' derivative in closed form equals forward mode through ``rotation_matrix``, at
+    zero, near it (both series) and at large angles, batched."""
+    axis_angles = torch.tensor([[0.0, 0.0, 0.0], [1e-5, 2e-5, -1e-5], [9e-3, 0.0, 0.0], [0.3, -0.5, 0.2],
+                                [2.5, 1.0, -0.4], [3.1, 0.1, 0.0]], dtype=torch.float64)
+    expected = torch.func.vmap(torch.func.jacfwd(skinning.rotation_matrix))(axis_angles)
+    derivative = skinning.rotation_matrix_derivative(axis_angles)
+    assert derivative.shape == (6, 3, 3, 3)
+    assert torch.allclose(derivative, expected, rtol=0, atol=1e-12)
 
 
 def test_ict_expressions_are_blendshape_weights_in_0_1(ict_folder):
