@@ -13,7 +13,6 @@ export PYTHONUNBUFFERED=1 FACE_MODEL_CACHE=/tmp/face-model-cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 FACE_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q tests/test_renderer.py tests/test_appearance.py 2>&1 \
     | tail -25 | tee "$OUT/tests.txt"
-timeout 150 python3 benchmark.py --device cuda 2>&1 | grep -v '^[WI]0000' | tee "$OUT/benchmark_default.txt"
-timeout 150 python3 benchmark.py --device cuda --iterations 2000 400 100 2>&1 | grep -v '^[WI]0000' \
-    | tee "$OUT/benchmark_nextface_iterations.txt"
+# the goal first: the default fit's whole command line (every output written), then its accuracy
 timeout 150 python3 benchmark.py --device cuda --cli 2>&1 | grep -v '^[WI]0000' | tail -5 | tee "$OUT/benchmark_cli.txt"
+timeout 150 python3 benchmark.py --device cuda 2>&1 | grep -v '^[WI]0000' | tee "$OUT/benchmark_default.txt"
