@@ -276,7 +276,7 @@ class LandmarkProblem:
         camera = canonical @ rotation.transpose(1, 2) + p['translation'][:, None, :]  # [n, 68, 3]
         z = camera[..., 2].clamp_min(1e-3)  # as ``project``: no derivative along z where clamped
         f = focal[:, None] / z  # [n, 68]
-        projection = torch.zeros(*camera.shape[:2], 2, 3, dtype=x.dtype)  # d pixel / d camera point
+        projection = x.new_zeros(*camera.shape[:2], 2, 3)  # d pixel / d camera point
         projection[..., 0, 0] = projection[..., 1, 1] = f
         projection[..., 2] = -f[..., None] * camera[..., :2] / z[..., None] * (camera[..., 2:] > 1e-3)
         projection = projection * self.residual_scale[..., None, None]
@@ -290,7 +290,7 @@ class LandmarkProblem:
         if self.optimize_focal:  # pixel − centre = f · (x, y) / z
             parts['log_focal'] = (focal[:, None, None] * camera[..., :2] / z[..., None]
                                   * self.residual_scale[..., None])[..., None]
-        jacobian = torch.zeros(self.n, camera.shape[1], 2, len(x), dtype=x.dtype)
+        jacobian = x.new_zeros(self.n, camera.shape[1], 2, len(x))
         for key, part in parts.items():
             for image in range(self.n):
                 jacobian[image, ..., self.columns(key, image)] += part[image]
@@ -302,12 +302,13 @@ class LandmarkProblem:
         derivative 1 / (σ z) along each translation's z (0 where it is clamped)."""
         rows = []
         for key, weight in (('identity', self.identity_weight), ('expression', self.expression_weight)):
-            block = torch.zeros(math.prod(self.sizes[key]), len(x), dtype=x.dtype)
-            block[:, self.offset(key):self.offset(key) + len(block)] = weight * torch.eye(len(block), dtype=x.dtype)
+            block = x.new_zeros(math.prod(self.sizes[key]), len(x))
+            block[:, self.offset(key):self.offset(key) + len(block)] = weight * torch.eye(len(block), dtype=x.dtype,
+                                                                                         device=x.device)
             rows.append(block)
         if self.optimize_focal:
             z = self.unpack(x)['translation'][:, 2]
-            block = torch.zeros(self.n, len(x), dtype=x.dtype)
+            block = x.new_zeros(self.n, len(x))
             block[range(self.n), [self.offset('translation') + 3 * image + 2 for image in range(self.n)]] = (
                 (z > 1.0) / (DISTANCE_SIGMA * z.clamp_min(1.0)))
             rows.append(block)
