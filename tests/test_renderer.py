@@ -205,7 +205,8 @@ def mitsubas_prb(monkeypatch, render_device, model) -> renderer.FaceRenderer:
 def test_prb_renders_and_differentiates_what_mitsubas_prb_does(monkeypatch, render_device, setup):
     """'prb' (renderer.py, ``_register_per_lobe``: each BSDF lobe sampled on its own, the diffuse
     one from the light too) estimates what Mitsuba's 'prb' at max_depth 2 does: the same image and the same gradients of
-    every input, the background and a strong specular lobe included, and in forward mode the same
+    every input, the background and a strong specular lobe included, pixels with no weight in the
+    loss and pixels with weight in some channels only among them, and in forward mode the same
     derivative image, each in expectation. Two of Mitsuba's own runs with other seeds are the
     yardstick: the mean over many seeds differs from Mitsuba's no more than Mitsuba's from itself
     (a lost or biased term would add its size to the difference)."""
@@ -218,6 +219,8 @@ def test_prb_renders_and_differentiates_what_mitsubas_prb_does(monkeypatch, rend
               0.2 + 0.3 * torch.rand(RES, RES, 1, generator=generator),
               sphericalharmonics.EnvironmentMap(3, ROWS, False)(sh[None])[0])
     weights = torch.randn(SIZE, SIZE, 3, generator=generator)
+    weights[:, :SIZE // 4] = 0  # pixels the loss leaves out (the backward pass skips them) ...
+    weights[:, SIZE // 4:SIZE // 2, 1] = 0  # ... and a channel of some: these it must not skip
     direction = torch.randn(len(face.geometry_index) * 3, generator=generator).tolist()
     seeds = 16
 
