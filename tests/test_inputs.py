@@ -86,6 +86,30 @@ def test_the_face_crop_is_square_inside_the_image_and_cut_at_its_border():
     assert (x0, y0, x1, y1) == (0, 0, 80, 94)
 
 
+def test_adam_steps_are_torchs_fused_adam():
+    """``fitting.adam_step`` (torch's fused Adam through its function, at each group's rate) moves
+    two groups of tensors bit for bit as ``torch.optim.Adam(fused=True)`` does, over steps whose
+    rates change, a tensor without a gradient at one step left as it is."""
+    generator = torch.Generator().manual_seed(4)
+    start = [torch.randn(5, 7, generator=generator), torch.randn(3, generator=generator), torch.randn(4, generator=generator)]
+    ours, theirs = ([t.clone().requires_grad_(True) for t in start] for _ in range(2))
+    group_of = lambda tensors: [dict(params=tensors[:2], lr=0.05), dict(params=tensors[2:], lr=0.2)]
+    reference, moments = torch.optim.Adam(group_of(theirs), fused=True), {}
+    for step in range(6):
+        rates = [0.05 / (1 + step), 0.2 * 0.9 ** step]
+        for tensors in (ours, theirs):
+            for tensor in tensors:
+                tensor.grad = None
+            loss = sum(((t - 0.3) ** 2 * (k + 1)).sum() for k, t in enumerate(tensors[:2 if step == 3 else 3]))
+            loss.backward()
+        fitting.adam_step(group_of(ours), rates, moments)
+        for group, rate in zip(reference.param_groups, rates):
+            group['lr'] = rate
+        reference.step()
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), step
+    assert not torch.equal(ours[0], start[0])
+
+
 def test_nan_loss_goes_back_to_good_values_with_smaller_steps():
     """NaN at steps 5 and 6: x returns to its last snapshot (after step 0) and goes on."""
     x = torch.tensor([3.0], requires_grad=True)
