@@ -18,13 +18,18 @@ from dataclasses import dataclass
 import torch
 
 
+def cross_matrix(vector: torch.Tensor) -> torch.Tensor:
+    """[v]×, the matrix of the cross product with ``vector``: [..., 3] -> [..., 3, 3]."""
+    x, y, z = vector.unbind(-1)
+    zero = torch.zeros_like(x)
+    return torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(*vector.shape[:-1], 3, 3)
+
+
 def rotation_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
     """Rodrigues' formula, [..., 3] axis-angle (radians) -> [..., 3, 3]; smooth through zero."""
     theta2 = (axis_angle ** 2).sum(-1, keepdim=True)[..., None]  # [..., 1, 1]
     theta = torch.sqrt(theta2 + 1e-16)
-    x, y, z = axis_angle.unbind(-1)
-    zero = torch.zeros_like(x)
-    skew = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(*axis_angle.shape[:-1], 3, 3)
+    skew = cross_matrix(axis_angle)
     small = theta2 < 1e-8  # Taylor series near zero keeps the gradient finite
     sin_term = torch.where(small, 1 - theta2 / 6, torch.sin(theta) / theta)
     cos_term = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / theta2.clamp_min(1e-16))
@@ -48,14 +53,11 @@ def rotation_matrix_derivative(axis_angle: torch.Tensor) -> torch.Tensor:
                     (theta * cos - sin) / (theta2 * theta).clamp_min(1e-24))
     d = torch.where(series, -1 / 12 + theta2 / 180 - theta2 ** 2 / 6720,
                     (theta * sin - 2 * (1 - cos)) / (theta2 * theta2).clamp_min(1e-32))
-    skew = lambda v: torch.stack([torch.zeros_like(v[..., 0]), -v[..., 2], v[..., 1], v[..., 2],
-                                  torch.zeros_like(v[..., 0]), -v[..., 0], -v[..., 1], v[..., 0],
-                                  torch.zeros_like(v[..., 0])], -1).reshape(*v.shape[:-1], 3, 3)
-    K = skew(axis_angle)
-    axes = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device)
+    K = cross_matrix(axis_angle)
+    axes = cross_matrix(torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device))  # [e_j]× [3, 3, 3]
     derivative = []
     for j in range(3):
-        K_j = skew(axes[j]).expand_as(K)
+        K_j = axes[j].expand_as(K)
         derivative.append(a * K_j + b * (K_j @ K + K @ K_j) + axis_angle[..., j, None, None] * (c * K + d * (K @ K)))
     return torch.stack(derivative, -1)
 
