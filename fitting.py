@@ -190,6 +190,8 @@ class LandmarkProblem:
                           identity=(max(self.identity_rows) + 1, landmark_model.n_shape),
                           expression=(self.n, landmark_model.n_expression),
                           log_focal=(self.n,) if self.optimize_focal else (0,))
+        counts = [math.prod(size) for size in self.sizes.values()]
+        self.offsets = dict(zip(self.sizes, np.cumsum([0] + counts[:-1]).tolist()))  # each part's first column
         at_landmarks = lambda basis: landmark_model.landmark_points(basis).permute(1, 2, 0)  # [68, 3, k]
         self.bases_at_landmarks = (None if landmark_model.skinning is not None else
                                    (at_landmarks(landmark_model.shape_basis), at_landmarks(landmark_model.expression_basis)))
@@ -213,18 +215,16 @@ class LandmarkProblem:
         return lower.double(), upper.double()
 
     def unpack(self, x: torch.Tensor) -> dict:
-        out, start = {}, 0
-        for key, size in self.sizes.items():
-            count = int(np.prod(size))
-            out[key] = x[start:start + count].reshape(size)
-            start += count
-        return out
+        return {key: x[self.offsets[key]:self.offsets[key] + math.prod(size)].reshape(size)
+                for key, size in self.sizes.items()}
+
+    def canonical(self, p: dict) -> torch.Tensor:
+        """Model landmarks in the model's frame [n, 68, 3]."""
+        return self.model.landmark_points(self.model.vertices(p['identity'][self.identity_rows], p['expression']))
 
     def landmark_pixels(self, p: dict, focal: torch.Tensor) -> torch.Tensor:
         """Model landmarks in pixels [n, 68, 2]."""
-        vertices = self.model.vertices(p['identity'][self.identity_rows], p['expression'])
-        canonical = self.model.landmark_points(vertices)
-        return project(to_camera(canonical, p['rotation'], p['translation']), focal, self.centres)
+        return project(to_camera(self.canonical(p), p['rotation'], p['translation']), focal, self.centres)
 
     def focal(self, p: dict, fixed_focal: torch.Tensor) -> torch.Tensor:
         """The focal lengths [n] of the unpacked parameters ``p``: fitted, or ``fixed_focal``."""
@@ -244,18 +244,13 @@ class LandmarkProblem:
         ICT-FaceKit, 160 parameters: 4.6 -> 1.3 ms an iteration)."""
         return torch.cat([self.landmark_jacobian(x, fixed_focal), self.prior_jacobian(x, anchor, anchor_weights)])
 
-    def offset(self, key: str) -> int:
-        """The first column of part ``key`` (``sizes``) in the packed parameters."""
-        keys = list(self.sizes)
-        return sum(math.prod(self.sizes[k]) for k in keys[:keys.index(key)])
-
     def columns(self, key: str, image: int) -> slice:
         """The columns of part ``key`` that image ``image`` depends on: its row of the part (its
         identity row for the identity)."""
         size = self.sizes[key]
         row = self.identity_rows[image] if key == 'identity' else image
         width = size[1] if len(size) == 2 else 1
-        return slice(self.offset(key) + row * width, self.offset(key) + (row + 1) * width)
+        return slice(self.offsets[key] + row * width, self.offsets[key] + (row + 1) * width)
 
     def shape_jacobians(self, p: dict) -> tuple:
         """How each image's canonical landmarks [68, 3] move with its identity and expression
@@ -272,9 +267,9 @@ class LandmarkProblem:
         projection, the rigid transform and the model."""
         p = self.unpack(x)
         focal = self.focal(p, fixed_focal)
-        canonical = self.model.landmark_points(self.model.vertices(p['identity'][self.identity_rows], p['expression']))
+        canonical = self.canonical(p)  # [n, 68, 3]
         rotation = rotation_matrix(p['rotation'])  # [n, 3, 3]
-        camera = canonical @ rotation.transpose(1, 2) + p['translation'][:, None, :]  # [n, 68, 3]
+        camera = to_camera(canonical, p['rotation'], p['translation'])  # [n, 68, 3]
         z = camera[..., 2].clamp_min(1e-3)  # as ``project``: no derivative along z where clamped
         f = focal[:, None] / z  # [n, 68]
         projection = x.new_zeros(*camera.shape[:2], 2, 3)  # d pixel / d camera point
@@ -304,13 +299,13 @@ class LandmarkProblem:
         rows = []
         for key, weight in (('identity', self.identity_weight), ('expression', self.expression_weight)):
             block = x.new_zeros(math.prod(self.sizes[key]), len(x))
-            block[:, self.offset(key):self.offset(key) + len(block)] = weight * torch.eye(len(block), dtype=x.dtype,
-                                                                                         device=x.device)
+            block[:, self.offsets[key]:self.offsets[key] + len(block)] = weight * torch.eye(len(block), dtype=x.dtype,
+                                                                                           device=x.device)
             rows.append(block)
         if self.optimize_focal:
             z = self.unpack(x)['translation'][:, 2]
             block = x.new_zeros(self.n, len(x))
-            block[range(self.n), [self.offset('translation') + 3 * image + 2 for image in range(self.n)]] = (
+            block[range(self.n), [self.columns('translation', image).start + 2 for image in range(self.n)]] = (
                 (z > 1.0) / (DISTANCE_SIGMA * z.clamp_min(1.0)))
             rows.append(block)
         if anchor is not None:

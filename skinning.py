@@ -25,30 +25,35 @@ def cross_matrix(vector: torch.Tensor) -> torch.Tensor:
     return torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(*vector.shape[:-1], 3, 3)
 
 
-def rotation_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
-    """Rodrigues' formula, [..., 3] axis-angle (radians) -> [..., 3, 3]; smooth through zero."""
+def rodrigues_terms(axis_angle: torch.Tensor) -> tuple:
+    """Of axis-angle [..., 3]: θ² and θ [..., 1, 1], and Rodrigues' a = sin θ / θ and
+    b = (1 − cos θ) / θ², by their Taylor series near zero (θ² < 1e-8), which keep the gradient finite."""
     theta2 = (axis_angle ** 2).sum(-1, keepdim=True)[..., None]  # [..., 1, 1]
     theta = torch.sqrt(theta2 + 1e-16)
+    small = theta2 < 1e-8
+    a = torch.where(small, 1 - theta2 / 6, torch.sin(theta) / theta)
+    b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / theta2.clamp_min(1e-16))
+    return theta2, theta, a, b
+
+
+def rotation_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
+    """Rodrigues' formula, [..., 3] axis-angle (radians) -> [..., 3, 3]: I + a K + b K², K = [ω]×;
+    smooth through zero."""
+    _, _, a, b = rodrigues_terms(axis_angle)
     skew = cross_matrix(axis_angle)
-    small = theta2 < 1e-8  # Taylor series near zero keeps the gradient finite
-    sin_term = torch.where(small, 1 - theta2 / 6, torch.sin(theta) / theta)
-    cos_term = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / theta2.clamp_min(1e-16))
     identity = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device).expand_as(skew)
-    return identity + sin_term * skew + cos_term * (skew @ skew)
+    return identity + a * skew + b * (skew @ skew)
 
 
 def rotation_matrix_derivative(axis_angle: torch.Tensor) -> torch.Tensor:
     """d ``rotation_matrix`` / d axis-angle, [..., 3] -> [..., 3, 3, 3] (dR_ab / dω_j at [..., a, b, j]).
-    R = I + a K + b K², K = [ω]×, a = sin θ / θ, b = (1 − cos θ) / θ², so
-    dR/dω_j = a K_j + b (K_j K + K K_j) + ω_j (c K + d K²) with c = a'/θ, d = b'/θ, and near
-    zero (θ² < 1e-8) those of the same Taylor series as ``rotation_matrix``. c and d are
-    differences of nearly equal terms: below θ² = 1e-4 their series (to θ⁴) are the more exact."""
-    theta2 = (axis_angle ** 2).sum(-1, keepdim=True)[..., None]  # [..., 1, 1]
-    theta = torch.sqrt(theta2 + 1e-16)
-    small, series = theta2 < 1e-8, theta2 < 1e-4
+    With R = I + a K + b K² (``rodrigues_terms``), dR/dω_j = a K_j + b (K_j K + K K_j) +
+    ω_j (c K + d K²), c = a'/θ, d = b'/θ. c and d are differences of nearly equal terms: below
+    θ² = 1e-4 their series (to θ⁴) are the more exact, and near zero those of the Taylor series
+    that ``rotation_matrix`` takes."""
+    theta2, theta, a, b = rodrigues_terms(axis_angle)
+    series = theta2 < 1e-4
     sin, cos = torch.sin(theta), torch.cos(theta)
-    a = torch.where(small, 1 - theta2 / 6, sin / theta)
-    b = torch.where(small, 0.5 - theta2 / 24, (1 - cos) / theta2.clamp_min(1e-16))
     c = torch.where(series, -1 / 3 + theta2 / 30 - theta2 ** 2 / 840,
                     (theta * cos - sin) / (theta2 * theta).clamp_min(1e-24))
     d = torch.where(series, -1 / 12 + theta2 / 180 - theta2 ** 2 / 6720,
